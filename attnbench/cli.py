@@ -1,0 +1,96 @@
+"""Command line: argument parsing, messages and exit codes only.
+
+Exit codes: 0 success (a sweep with failed cells still succeeds: they are rows), 2 bad input
+(suite, implementation, device, dtype, run folder), 130 interrupted (rows already written are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import AttnbenchError
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from . import registry
+
+    for path in args.plugin or []:
+        registry.load_plugin_file(path)
+    names = registry.list_impls(args.pattern)
+    if not names:
+        raise AttnbenchError(f"no implementation matches {args.pattern!r}")
+    all_specs = registry.specs()
+    rows = []
+    for n in names:
+        s = all_specs[n]
+        params = ", ".join(f"{k}={v!r}" for k, v in s.params.items()) or "-"
+        rows.append((n, s.family, params, s.description))
+    w0, w1, w2 = (max(len(r[i]) for r in rows + [("name", "family", "parameters")]) for i in range(3))
+    print(f"{'name':<{w0}}  {'family':<{w1}}  {'parameters':<{w2}}  description")
+    for r in rows:
+        print(f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]:<{w2}}  {r[3]}")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import store
+    from .runner import prepare, run_suite
+
+    suite, dev, cases = prepare(args.suite, args.device, args.only)  # everything validated before running
+    print(f"attnbench: suite {suite.name!r}: {len(cases)} cells on {dev}", file=sys.stderr)
+    result = None
+    try:
+        result = run_suite(suite, out=args.out, device=args.device, resume=args.resume, only=args.only,
+                           progress=not args.no_progress, results_root=args.results_root)
+    except KeyboardInterrupt:
+        print("\nattnbench: interrupted; finished cells are saved, `--resume` measures the rest", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    df = store.load_results(result.run_dir)
+    print(store.summary_text(df))
+    print(f"\nrun folder: {result.run_dir}  ({result.measured} cells measured, {result.reused} reused)")
+    failed = df[df["status"].isin(["error"])]
+    if len(failed):
+        print(f"attnbench: {len(failed)} cell(s) raised; see {result.run_dir / 'errors.log'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnbench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="measure every cell of a suite")
+    r.add_argument("suite", type=Path, help="suite YAML file")
+    r.add_argument("--device", help="override the suite's device: auto, cpu, cuda, cuda:N")
+    r.add_argument("--out", type=Path, help="run folder (default results/<suite>/<UTC time>)")
+    r.add_argument("--resume", action="store_true", help="finish the run in --out (default: the latest run)")
+    r.add_argument("--only", metavar="PATTERN", help="only implementations matching these shell patterns "
+                                                     "(comma-separated, e.g. 'mha.*,sra.conv')")
+    r.add_argument("--results-root", type=Path, default=Path("results"), help=argparse.SUPPRESS)
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)
+    ls = sub.add_parser("list", help="list registered implementations")
+    ls.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'sra.*'")
+    ls.add_argument("--plugin", action="append", type=Path, help="also load this plugin file")
+    ls.set_defaults(func=_cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return args.func(args)
+    except AttnbenchError as exc:
+        print(f"attnbench: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\nattnbench: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

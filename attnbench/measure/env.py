@@ -1,0 +1,130 @@
+"""The environment record stored beside every run: software, hardware, GPU state, git commit."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import socket
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import memory
+
+
+def _pkg(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(repo: Path) -> dict[str, Any]:
+    def run(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = run("rev-parse", "HEAD")
+    status = run("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def nvml_state(index: int = 0) -> dict[str, Any]:
+    """GPU name, driver, clocks, power, temperature and throttle reasons from nvidia-ml-py.
+
+    Returns ``{"available": False, "reason": ...}`` where NVML cannot be used (no GPU, no driver).
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # no library, no driver: recorded, not raised
+        return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+
+        def get(fn, *args):
+            try:
+                v = fn(h, *args)
+                return v.decode() if isinstance(v, bytes) else v
+            except Exception:
+                return None
+
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        return {
+            "available": True,
+            "name": get(pynvml.nvmlDeviceGetName),
+            "driver": driver.decode() if isinstance(driver, bytes) else driver,
+            "sm_clock_mhz": get(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": get(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM),
+            "sm_clock_max_mhz": get(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM),
+            "mem_clock_max_mhz": get(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_MEM),
+            "power_w": (get(pynvml.nvmlDeviceGetPowerUsage) or 0) / 1000 or None,
+            "power_limit_w": (get(pynvml.nvmlDeviceGetEnforcedPowerLimit) or 0) / 1000 or None,
+            "temperature_c": get(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU),
+            "throttle_reasons": get(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons),
+            "persistence_mode": get(pynvml.nvmlDeviceGetPersistenceMode),
+        }
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def collect_env(device: torch.device, repo: Path | None = None) -> dict[str, Any]:
+    """Everything needed to interpret a run's numbers later."""
+    repo = repo or Path(__file__).resolve().parents[2]
+    env: dict[str, Any] = {
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {n: _pkg(n) for n in ("attnbench", "torch", "timm", "fvcore", "numpy", "pandas",
+                                          "nvidia-ml-py", "triton")},
+        "torch": {
+            "version": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "num_threads": torch.get_num_threads(),
+            "num_interop_threads": torch.get_num_interop_threads(),
+        },
+        "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(),
+                "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None},
+        "device": str(device),
+        "memory_method": memory.CUDA_METHOD if device.type == "cuda" else memory.cpu_method(),
+        "git": _git(repo),
+    }
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                      "total_memory_bytes": props.total_memory, "multiprocessors": props.multi_processor_count}
+        env["nvml"] = nvml_state(idx)
+    else:
+        env["gpu"] = None
+        env["nvml"] = nvml_state(0) if torch.cuda.is_available() else {"available": False,
+                                                                       "reason": "no CUDA device in use"}
+    return env

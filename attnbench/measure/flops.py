@@ -1,0 +1,111 @@
+"""FLOP counting, three ways, each with its convention in its name.
+
+- ``flops_analytic``: the implementation's closed form; matmul-type ops only (linear, conv, the two
+  attention matmuls), 2 FLOPs per multiply-accumulate (MAC), forward pass.
+- ``macs_fvcore``: fvcore's ``FlopCountAnalysis`` total, which counts one MAC as one "flop" and also
+  counts norms (5 per element with affine) and adaptive pooling (1 per input element); fused SDPA is
+  counted through an op handle registered here (B*h*Nq*Nk*(d+dv) MACs) instead of fvcore's 0.
+  ``macs_fvcore_matmul`` is the part from matmul-type ops, comparable with ``flops_analytic / 2``.
+- ``flops_torch``: ``torch.utils.flop_counter.FlopCounterMode``, 2 FLOPs per MAC, matmul-type ops
+  only (norms, softmax and pooling count 0), forward pass; ``flops_torch_fwd_bwd`` adds the backward
+  pass in train mode.
+
+Counting runs on the meta device: no memory is allocated and no arithmetic is done, so a shape too
+large to run can still be counted, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# fvcore's by_operator names for matmul-type work.
+FVCORE_MATMUL_OPS = frozenset({"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv",
+                               "scaled_dot_product_attention"})
+
+
+def _fvcore_sdpa_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    rows = math.prod(q[:-1])  # B * h * Nq
+    return rows * k[-2] * (q[-1] + v[-1])
+
+
+def build_meta(build: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
+    """Build a module on the meta device (parameters without storage)."""
+    with torch.device("meta"):
+        module = build()
+    return module.to(dtype)
+
+
+def count_flops(build: Callable[[], nn.Module], x_shape: tuple[int, ...], dtype: torch.dtype,
+                train: bool = False) -> dict[str, Any]:
+    """Count one call of ``build()`` on an input of ``x_shape`` (B, H, W, C) on the meta device.
+
+    Returns ``flops_torch``, ``macs_fvcore``, ``macs_fvcore_matmul``, ``fvcore_uncounted_ops`` and,
+    when ``train``, ``flops_torch_fwd_bwd``. A counter that fails leaves its key NaN and says why in
+    ``count_message`` (torch) or ``fvcore_message``.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out: dict[str, Any] = {"flops_torch": math.nan, "count_message": ""}
+    module = build_meta(build, dtype).eval()
+    x = torch.empty(x_shape, device="meta", dtype=dtype)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module(x)
+        out["flops_torch"] = int(counter.get_total_flops())
+        if train:
+            module.train()
+            xg = x.clone().requires_grad_(True)
+            with FlopCounterMode(display=False) as counter:
+                y = module(xg)
+                y.backward(torch.empty_like(y))
+            out["flops_torch_fwd_bwd"] = int(counter.get_total_flops())
+            module.eval()
+    except Exception as exc:  # counting must not end the cell
+        out["count_message"] = f"torch counter: {type(exc).__name__}: {exc}"
+    out.update(count_fvcore(module, x))
+    return out
+
+
+def _fvcore_analysis(module: nn.Module, x: torch.Tensor):
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(module, (x,))
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _fvcore_sdpa_handle)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analysis
+
+
+def count_fvcore(module: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """fvcore's counts for one forward call of ``module`` on ``x`` (meta or real tensors).
+
+    fvcore traces the module with torch.jit; some meta kernels (convolution) cannot be traced on the
+    meta device, in which case the counts are NaN and ``fvcore_message`` says why; the runner then
+    counts again on the real device, where the cell is run anyway.
+    """
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            analysis = _fvcore_analysis(module, x)
+            by_op = analysis.by_operator()
+            return {"macs_fvcore": int(analysis.total()),
+                    "macs_fvcore_matmul": int(sum(v for k, v in by_op.items() if k in FVCORE_MATMUL_OPS)),
+                    "fvcore_uncounted_ops": ",".join(sorted(analysis.unsupported_ops())),
+                    "fvcore_device": x.device.type, "fvcore_message": ""}
+    except Exception as exc:
+        return {"macs_fvcore": math.nan, "macs_fvcore_matmul": math.nan, "fvcore_device": x.device.type,
+                "fvcore_message": f"fvcore on {x.device.type}: {type(exc).__name__}: {str(exc)[:200]}"}
+
+
+def fvcore_by_operator(module: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """fvcore's MAC count per operator name (for tests and inspection)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return dict(_fvcore_analysis(module, x).by_operator())

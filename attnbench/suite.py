@@ -1,0 +1,263 @@
+"""Suite files (YAML) -> a validated :class:`Suite` -> the grid of :class:`Case` records.
+
+Everything a run needs is checked here, before anything runs: unknown keys, wrong types, unknown
+implementations, parameters an implementation does not take, shapes no implementation can take.
+Each problem is a :class:`SuiteError` naming the file and the key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from . import registry
+from .errors import AttnbenchError, ParamError, SuiteError, UnknownImplError
+
+
+def _as_list(v: Any) -> Any:
+    return v if isinstance(v, list) else [v]
+
+
+def _listof(t: Any) -> Any:
+    return Annotated[list[t], BeforeValidator(_as_list), Field(min_length=1)]
+
+
+PosInt = Annotated[int, Field(gt=0)]
+DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+ModeName = Literal["forward", "train"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TimingSettings(_Strict):
+    """How long to warm up and how many timed calls to make (chosen by time, within bounds)."""
+
+    warmup_s: Annotated[float, Field(ge=0)] = 0.1
+    target_s: Annotated[float, Field(gt=0)] = 0.5
+    min_repeats: PosInt = 5
+    max_repeats: PosInt = 100
+
+
+class BudgetSettings(_Strict):
+    """Limits per cell: cells predicted or found to exceed them are recorded as ``over_budget``."""
+
+    cell_time_s: Annotated[float, Field(gt=0)] = 30.0
+    memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.6
+
+
+class SuiteModel(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str = ""
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    dtype: _listof(DtypeName) = ["auto"]
+    mode: _listof(ModeName) = ["forward"]
+    batch: _listof(PosInt) = [1]
+    dim: _listof(PosInt)
+    heads: _listof(PosInt)
+    patch: PosInt = 4
+    resolution: _listof(PosInt)
+    impls: Annotated[list[Any], Field(min_length=1)]
+    plugins: list[str] = []
+    seed: int = 0
+    threads: PosInt | None = None
+    timing: TimingSettings = TimingSettings()
+    budget: BudgetSettings = BudgetSettings()
+
+
+_MODELS = {"": SuiteModel, "timing": TimingSettings, "budget": BudgetSettings}
+
+
+@dataclass(frozen=True)
+class ImplEntry:
+    """One entry of a suite's ``impls`` list: a registered name and the parameters set for it."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.name
+        return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in self.params) + ")"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One cell of the grid: everything needed to build, run and identify a measurement."""
+
+    impl: str
+    label: str
+    family: str
+    params: tuple[tuple[str, Any], ...]
+    resolution: int
+    patch: int
+    grid_h: int
+    grid_w: int
+    batch: int
+    dim: int
+    heads: int
+    dtype: str
+    mode: str
+    device: str
+
+    @property
+    def tokens(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def series(self) -> tuple:
+        """The cells that differ only in resolution form one series (one curve)."""
+        return (self.label, self.batch, self.dim, self.heads, self.dtype, self.mode, self.device)
+
+    @property
+    def cell_id(self) -> str:
+        key = {k: v for k, v in asdict(self).items() if k not in ("label", "family", "grid_h", "grid_w")}
+        key["params"] = [list(p) for p in self.params]
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Suite:
+    model: SuiteModel
+    path: Path | None
+    entries: list[ImplEntry]
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def cases(self, device: str, dtypes: list[str]) -> list[Case]:
+        """The grid: impl entries x dtype x mode x batch x dim x heads x resolution (ascending)."""
+        m = self.model
+        out = []
+        for entry in self.entries:
+            spec = registry.get_spec(entry.name)
+            for dtype, mode, batch, dim, heads in itertools.product(dtypes, m.mode, m.batch, m.dim, m.heads):
+                for res in sorted(set(m.resolution)):
+                    g = res // m.patch
+                    out.append(Case(impl=entry.name, label=entry.label, family=spec.family, params=entry.params,
+                                    resolution=res, patch=m.patch, grid_h=g, grid_w=g, batch=batch, dim=dim,
+                                    heads=heads, dtype=dtype, mode=mode, device=device))
+        return out
+
+
+def _key(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _format_pydantic(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = _key(loc)
+        if e["type"] == "extra_forbidden":
+            parent = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+            allowed = list(_MODELS.get(parent, SuiteModel).model_fields)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append((key, f"unknown key{hint} (allowed here: {', '.join(allowed)})"))
+        elif e["type"] == "missing":
+            problems.append((key, "required key is missing"))
+        else:
+            problems.append((key, f"{e['msg']} (got {e.get('input')!r})"))
+    return problems
+
+
+def _parse_entry(item: Any, i: int, where: str) -> ImplEntry:
+    key = f"impls[{i}]"
+    if isinstance(item, str):
+        name, params = item, {}
+    elif isinstance(item, dict) and len(item) == 1:
+        name, params = next(iter(item.items()))
+        params = {} if params is None else params
+        if not isinstance(name, str) or not isinstance(params, dict):
+            raise SuiteError("expected 'name' or {name: {param: value, ...}}", where, key)
+        key = f"{key}.{name}"
+    else:
+        raise SuiteError(f"expected 'name' or {{name: {{param: value, ...}}}}, got {item!r}", where, key)
+    try:
+        spec = registry.get_spec(name)
+        registry.check_params(spec, params)
+    except (UnknownImplError, ParamError) as exc:
+        raise SuiteError(str(exc), where, key) from None
+    return ImplEntry(name=name, params=tuple(sorted(params.items())))
+
+
+def load_plugins(paths: list[str], base: Path | None, where: str) -> None:
+    for i, p in enumerate(paths):
+        path = Path(p)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        try:
+            registry.load_plugin_file(path)
+        except AttnbenchError as exc:
+            raise SuiteError(str(exc), where, f"plugins[{i}]") from None
+
+
+def parse_suite(data: Any, path: Path | None = None) -> Suite:
+    """Validate a suite given as a mapping (already read from YAML)."""
+    where = str(path) if path is not None else "<suite>"
+    if not isinstance(data, dict):
+        raise SuiteError(f"a suite must be a mapping of keys, got {type(data).__name__}", where)
+    try:
+        model = SuiteModel.model_validate(data)
+    except ValidationError as exc:
+        problems = _format_pydantic(exc)
+        if len(problems) == 1:
+            raise SuiteError(problems[0][1], where, problems[0][0]) from None
+        raise SuiteError("\n" + "\n".join(f"  {k}: {m}" for k, m in problems), where) from None
+    if model.timing.min_repeats > model.timing.max_repeats:
+        raise SuiteError(f"min_repeats {model.timing.min_repeats} exceeds max_repeats {model.timing.max_repeats}",
+                         where, "timing")
+    load_plugins(model.plugins, path.parent if path is not None else None, where)
+    entries = [_parse_entry(item, i, where) for i, item in enumerate(model.impls)]
+    for i, res in enumerate(model.resolution):
+        if res % model.patch:
+            raise SuiteError(f"resolution {res} is not a multiple of patch {model.patch}", where, f"resolution[{i}]")
+    for dim, heads in itertools.product(model.dim, model.heads):
+        if dim % heads:
+            raise SuiteError(f"dim {dim} is not divisible by heads {heads}", where, "heads")
+    # Build each configuration once on the meta device: constructor checks (bad values) fail here.
+    import torch
+
+    for i, entry in enumerate(entries):
+        spec = registry.get_spec(entry.name)
+        for dim, heads in itertools.product(model.dim, model.heads):
+            try:
+                with torch.device("meta"):
+                    spec.build(dim=dim, heads=heads, **dict(entry.params))
+            except (ValueError, TypeError, AssertionError) as exc:
+                raise SuiteError(f"{entry.name} cannot be built with dim={dim}, heads={heads}: {exc}",
+                                 where, f"impls[{i}]") from None
+    return Suite(model=model, path=path, entries=entries, raw=data)
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file; raise :class:`SuiteError` naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError("suite file not found", str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SuiteError(f"not valid YAML: {at}{problem}", str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SuiteError(f"cannot be read: {exc}", str(path)) from None
+    return parse_suite(data, path)
