@@ -1,0 +1,69 @@
+"""Test implementations: one that is cheap, one that fails, one that runs out of memory, one that is slow."""
+
+import time
+
+import torch
+from torch import nn
+
+import attnbench
+
+
+class _Base(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.proj(x)
+
+    def flops_analytic(self, batch, height, width):
+        return 2 * batch * height * width * self.proj.in_features ** 2
+
+
+@attnbench.register("toy.proj", family="toy")
+class ToyProj(_Base):
+    """A linear projection standing in for attention."""
+
+    def __init__(self, dim: int, heads: int, scale: float = 1.0, gated: bool = False):
+        super().__init__(dim, heads)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.proj(x) * self.scale
+
+
+@attnbench.register("toy.fail", family="toy")
+class ToyFail(_Base):
+    """Raises on grids wider than 8 tokens."""
+
+    def forward(self, x):
+        if x.shape[2] > 8:
+            raise RuntimeError("toy failure on a wide grid")
+        return self.proj(x)
+
+
+@attnbench.register("toy.oom", family="toy")
+class ToyOOM(_Base):
+    """Runs out of memory on grids of 12 tokens or more per side."""
+
+    def forward(self, x):
+        if x.shape[1] >= 12:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 PiB (toy)")
+        return self.proj(x)
+
+
+@attnbench.register("toy.slow", family="toy")
+class ToySlow(_Base):
+    """Sleeps 0.1 ms per token: grid 8 = 6.4 ms, 16 = 26 ms, 32 = 102 ms a call."""
+
+    def forward(self, x):
+        time.sleep(x.shape[1] * x.shape[2] * 1e-4)
+        return self.proj(x)
+
+
+@attnbench.register("toy.picky", family="toy")
+class ToyPicky(_Base):
+    """Takes only even grids."""
+
+    def supports(self, height, width):
+        return None if height % 2 == 0 and width % 2 == 0 else f"grid {height}x{width} is odd"

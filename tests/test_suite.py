@@ -1,0 +1,101 @@
+"""Suite validation: every problem is a SuiteError naming the file, the key path and what is allowed."""
+
+import textwrap
+
+import pytest
+
+import attnbench
+from attnbench.suite import load_suite, parse_suite
+
+GOOD = {"name": "t", "dim": 32, "heads": 2, "resolution": [32, 64], "impls": ["mha.sdpa", {"sra.conv": {"sr_ratio": 2}}]}
+
+
+def bad(**changes):
+    d = {**GOOD, **changes}
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def test_good_suite_grid():
+    s = parse_suite(GOOD)
+    cases = s.cases("cpu", ["float32"])
+    assert len(cases) == 4
+    assert [c.resolution for c in cases] == [32, 64, 32, 64]
+    assert cases[0].grid_h == 8 and cases[0].tokens == 64
+    assert cases[2].label == "sra.conv(sr_ratio=2)" and dict(cases[2].params) == {"sr_ratio": 2}
+    assert len({c.cell_id for c in cases}) == 4
+
+
+def test_lists_multiply():
+    s = parse_suite(bad(mode=["forward", "train"], batch=[1, 2], impls=["mha.sdpa"]))
+    assert len(s.cases("cpu", ["float32", "bfloat16"])) == 2 * 2 * 2 * 2
+
+
+@pytest.mark.parametrize("data,key,text", [
+    (bad(resolutoin=[32]), "resolutoin", "did you mean 'resolution'"),
+    (bad(resolution="big"), "resolution[0]", "valid integer"),
+    (bad(resolution=[32, -4]), "resolution[1]", "greater than 0"),
+    (bad(dtype="float64"), "dtype[0]", "bfloat16"),
+    (bad(mode="inference"), "mode[0]", "train"),
+    (bad(device="tpu"), "device", "pattern"),
+    (bad(dim="96"), "dim[0]", "valid integer"),
+    (bad(impls=["mha.sdp"]), "impls[0]", "did you mean 'mha.sdpa'"),
+    (bad(impls=[{"sra.conv": {"ratio": 2}}]), "impls[0].sra.conv", "parameters: sr_ratio=8"),
+    (bad(impls=[{"sra.conv": {"sr_ratio": "2"}}]), "impls[0].sra.conv", "must be int"),
+    (bad(impls=[{"sra.conv": {"sr_ratio": 0}}]), "impls[0]", "sr_ratio must be >= 1"),
+    (bad(impls=[["mha.sdpa"]]), "impls[0]", "expected"),
+    (bad(impls=[]), "impls", "at least 1"),
+    (bad(heads=5), "heads", "not divisible"),
+    (bad(resolution=[30]), "resolution[0]", "multiple of patch"),
+    (bad(timing={"warmup": 1}), "timing.warmup", "allowed here: warmup_s"),
+    (bad(budget={"cell_time_s": 0}), "budget.cell_time_s", "greater than 0"),
+    (bad(name=None), "name", "required"),
+    (bad(plugins=["nowhere.py"]), "plugins[0]", "does not exist"),
+])
+def test_bad_suites(data, key, text):
+    with pytest.raises(attnbench.SuiteError) as e:
+        parse_suite(data)
+    assert e.value.key == key or key in str(e.value), str(e.value)
+    assert text in str(e.value), str(e.value)
+
+
+def test_several_problems_reported_together():
+    with pytest.raises(attnbench.SuiteError) as e:
+        parse_suite(bad(dim="x", heads="y"))
+    assert "dim[0]" in str(e.value) and "heads[0]" in str(e.value)
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("name: t\nresolution: [224, 320\nimpls: [mha.sdpa]\n")
+    with pytest.raises(attnbench.SuiteError) as e:
+        load_suite(p)
+    assert str(p) in str(e.value) and "line" in str(e.value)
+    with pytest.raises(attnbench.SuiteError, match="not found"):
+        load_suite(tmp_path / "missing.yaml")
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(attnbench.SuiteError, match="mapping"):
+        load_suite(p)
+
+
+def test_plugin_paths_relative_to_suite(tmp_path):
+    (tmp_path / "p.py").write_text(textwrap.dedent('''
+        import torch, attnbench
+        @attnbench.register("rel.proj")
+        class P(torch.nn.Module):
+            """Relative plugin."""
+            def __init__(self, dim, heads):
+                super().__init__()
+                self.l = torch.nn.Linear(dim, dim)
+            def forward(self, x):
+                return self.l(x)
+    '''))
+    (tmp_path / "s.yaml").write_text("name: s\ndim: 8\nheads: 1\nresolution: 32\nplugins: [p.py]\nimpls: [rel.proj]\n")
+    s = load_suite(tmp_path / "s.yaml")
+    assert s.entries[0].name == "rel.proj"
+
+
+def test_shipped_suites_validate():
+    from conftest import ROOT
+
+    for path in sorted((ROOT / "suites").glob("*.yaml")):
+        load_suite(path)
