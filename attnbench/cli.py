@@ -52,7 +52,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     df = store.load_results(result.run_dir)
     print(store.summary_text(df))
-    print(f"\nrun folder: {result.run_dir}  ({result.measured} cells measured, {result.reused} reused)")
+    wall, harness = df["cell_wall_s"].sum(), df["harness_s"].sum() if "harness_s" in df else 0.0
+    print(f"\nrun folder: {result.run_dir}  ({result.measured} cells measured, {result.reused} reused; "
+          f"{wall:.1f} s in cells, of which {harness:.1f} s building modules and counting FLOPs)")
     failed = df[df["status"].isin(["error"])]
     if len(failed):
         print(f"attnbench: {len(failed)} cell(s) raised; see {result.run_dir / 'errors.log'}", file=sys.stderr)
