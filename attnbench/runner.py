@@ -327,7 +327,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
 def _base_row(case: Case) -> dict[str, Any]:
     return {
         "impl": case.impl, "label": case.label, "family": case.family, "resolution": case.resolution,
-        "patch": case.patch, "tokens": case.tokens, "grid_h": case.grid_h, "grid_w": case.grid_w,
+        "patch": case.patch, "shape": case.shape, "tokens": case.tokens, "grid_h": case.grid_h, "grid_w": case.grid_w,
         "batch": case.batch, "dim": case.dim, "heads": case.heads, "dtype": case.dtype, "mode": case.mode,
         "device": case.device, "params": dict(case.params), "status": "ok", "message": "",
         "cell_id": case.cell_id, "cpu_threads": torch.get_num_threads(), "schema_version": store.SCHEMA_VERSION,
@@ -335,14 +335,23 @@ def _base_row(case: Case) -> dict[str, Any]:
 
 
 def _builder(case: Case) -> Callable[[], torch.nn.Module]:
+    """Builds the cell's module; in forward mode a module with ``reparameterize()`` is measured merged."""
     spec = registry.get_spec(case.impl)
     params = dict(case.params)
-    return lambda: spec.build(dim=case.dim, heads=case.heads, **params)
+
+    def build() -> torch.nn.Module:
+        module = spec.build(dim=case.dim, heads=case.heads, **params)
+        if case.mode == "forward" and hasattr(module, "reparameterize"):
+            module = module.reparameterize() or module
+        return module
+
+    return build
 
 
 def _count(case: Case, row: dict[str, Any], meta: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> None:
     """Parameter count and the three FLOP counts, on the meta device."""
     row["params_count"] = sum(p.numel() for p in meta.parameters())
+    row["reparameterized"] = case.mode == "forward" and hasattr(meta, "reparameterize")
     if hasattr(meta, "flops_analytic"):
         row["flops_analytic"] = int(meta.flops_analytic(case.batch, case.grid_h, case.grid_w))
     row.update(flops_mod.count_flops(build, (case.batch, case.grid_h, case.grid_w, case.dim),

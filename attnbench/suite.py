@@ -55,6 +55,16 @@ class BudgetSettings(_Strict):
     memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.6
 
 
+class ShapeSpec(_Strict):
+    """One explicit shape: an image side, its patch (effective stride), channels and heads."""
+
+    name: str = ""
+    resolution: PosInt
+    patch: PosInt | None = None  # default: the suite's patch
+    dim: PosInt
+    heads: PosInt
+
+
 class SuiteModel(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str = ""
@@ -62,10 +72,11 @@ class SuiteModel(_Strict):
     dtype: _listof(DtypeName) = ["auto"]
     mode: _listof(ModeName) = ["forward"]
     batch: _listof(PosInt) = [1]
-    dim: _listof(PosInt)
-    heads: _listof(PosInt)
+    dim: _listof(PosInt) | None = None
+    heads: _listof(PosInt) | None = None
     patch: PosInt = 4
-    resolution: _listof(PosInt)
+    resolution: _listof(PosInt) | None = None
+    shapes: Annotated[list[ShapeSpec], Field(min_length=1)] | None = None  # instead of resolution x dim x heads
     impls: Annotated[list[Any], Field(min_length=1)]
     plugins: list[str] = []
     seed: int = 0
@@ -74,7 +85,24 @@ class SuiteModel(_Strict):
     budget: BudgetSettings = BudgetSettings()
 
 
-_MODELS = {"": SuiteModel, "timing": TimingSettings, "budget": BudgetSettings}
+_MODELS = {"": SuiteModel, "timing": TimingSettings, "budget": BudgetSettings, "shapes": ShapeSpec}
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    resolution: int
+    patch: int
+    dim: int
+    heads: int
+
+
+def shapes_of(model: SuiteModel) -> list[Shape]:
+    """The suite's shapes: its ``shapes`` list as given, or dim x heads x resolution (ascending)."""
+    if model.shapes:
+        return [Shape(s.name, s.resolution, s.patch or model.patch, s.dim, s.heads) for s in model.shapes]
+    return [Shape("", res, model.patch, dim, heads)
+            for dim, heads in itertools.product(model.dim, model.heads) for res in sorted(set(model.resolution))]
 
 
 @dataclass(frozen=True)
@@ -101,6 +129,7 @@ class Case:
     params: tuple[tuple[str, Any], ...]
     resolution: int
     patch: int
+    shape: str
     grid_h: int
     grid_w: int
     batch: int
@@ -121,7 +150,7 @@ class Case:
 
     @property
     def cell_id(self) -> str:
-        key = {k: v for k, v in asdict(self).items() if k not in ("label", "family", "grid_h", "grid_w")}
+        key = {k: v for k, v in asdict(self).items() if k not in ("label", "family", "shape", "grid_h", "grid_w")}
         key["params"] = [list(p) for p in self.params]
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -138,17 +167,17 @@ class Suite:
         return self.model.name
 
     def cases(self, device: str, dtypes: list[str]) -> list[Case]:
-        """The grid: impl entries x dtype x mode x batch x dim x heads x resolution (ascending)."""
+        """The grid: impl entries x dtype x mode x batch x shapes (resolutions ascending within a series)."""
         m = self.model
         out = []
         for entry in self.entries:
             spec = registry.get_spec(entry.name)
-            for dtype, mode, batch, dim, heads in itertools.product(dtypes, m.mode, m.batch, m.dim, m.heads):
-                for res in sorted(set(m.resolution)):
-                    g = res // m.patch
+            for dtype, mode, batch in itertools.product(dtypes, m.mode, m.batch):
+                for sh in shapes_of(m):
+                    g = sh.resolution // sh.patch
                     out.append(Case(impl=entry.name, label=entry.label, family=spec.family, params=entry.params,
-                                    resolution=res, patch=m.patch, grid_h=g, grid_w=g, batch=batch, dim=dim,
-                                    heads=heads, dtype=dtype, mode=mode, device=device))
+                                    resolution=sh.resolution, patch=sh.patch, shape=sh.name, grid_h=g, grid_w=g,
+                                    batch=batch, dim=sh.dim, heads=sh.heads, dtype=dtype, mode=mode, device=device))
         return out
 
 
@@ -223,20 +252,33 @@ def parse_suite(data: Any, path: Path | None = None) -> Suite:
     if model.timing.min_repeats > model.timing.max_repeats:
         raise SuiteError(f"min_repeats {model.timing.min_repeats} exceeds max_repeats {model.timing.max_repeats}",
                          where, "timing")
+    grid_keys = [k for k in ("resolution", "dim", "heads") if getattr(model, k) is not None]
+    if model.shapes is not None and grid_keys:
+        raise SuiteError(f"give either shapes or {'/'.join(grid_keys)}, not both", where, "shapes")
+    if model.shapes is None and len(grid_keys) < 3:
+        missing = [k for k in ("resolution", "dim", "heads") if k not in grid_keys]
+        raise SuiteError("required key is missing (or give shapes: a list of {resolution, dim, heads})",
+                         where, missing[0])
     load_plugins(model.plugins, path.parent if path is not None else None, where)
     entries = [_parse_entry(item, i, where) for i, item in enumerate(model.impls)]
-    for i, res in enumerate(model.resolution):
+    shapes = shapes_of(model)
+    for i, res in enumerate(model.resolution or []):
         if res % model.patch:
             raise SuiteError(f"resolution {res} is not a multiple of patch {model.patch}", where, f"resolution[{i}]")
-    for dim, heads in itertools.product(model.dim, model.heads):
-        if dim % heads:
-            raise SuiteError(f"dim {dim} is not divisible by heads {heads}", where, "heads")
+    for i, sh in enumerate(model.shapes or []):
+        if sh.resolution % (sh.patch or model.patch):
+            raise SuiteError(f"resolution {sh.resolution} is not a multiple of patch {sh.patch or model.patch}",
+                             where, f"shapes[{i}]")
+    for sh in shapes:
+        if sh.dim % sh.heads:
+            raise SuiteError(f"dim {sh.dim} is not divisible by heads {sh.heads}", where,
+                             "shapes" if model.shapes else "heads")
     # Build each configuration once on the meta device: constructor checks (bad values) fail here.
     import torch
 
     for i, entry in enumerate(entries):
         spec = registry.get_spec(entry.name)
-        for dim, heads in itertools.product(model.dim, model.heads):
+        for dim, heads in sorted({(sh.dim, sh.heads) for sh in shapes}):
             try:
                 with torch.device("meta"):
                     spec.build(dim=dim, heads=heads, **dict(entry.params))

@@ -88,9 +88,9 @@ def test_bad_suite_exit_2(tmp_path, capsys, text, needle):
 def test_other_bad_input_exit_2(tmp_path, tiny, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "suite file not found" in capsys.readouterr().err
-    assert main(["run", str(tiny), "--only", "swin.*"]) == 2
+    assert main(["run", str(tiny), "--only", "nosuch.*"]) == 2
     assert "selects no cell" in capsys.readouterr().err
-    assert main(["list", "swin.*"]) == 2
+    assert main(["list", "nosuch.*"]) == 2
     assert "no implementation matches" in capsys.readouterr().err
 
 

@@ -5,8 +5,8 @@ CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, min
 
 CPU: the process's resident-set high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs``) minus the resident set before the call (method ``rss_hwm_delta``).
-For the measured call only, glibc's mmap threshold is lowered to 64 KiB and free heap memory is
-trimmed first, so every allocation of 64 KiB or more is fresh memory that the high-water mark sees
+For the measured call only, glibc's mmap threshold is lowered to 4 KiB and free heap memory is
+trimmed first, so every allocation of 4 KiB or more is fresh memory that the high-water mark sees
 (not a reuse of heap already resident); afterwards the thresholds go back to glibc's steady state
 (32 MiB mmap, 64 MiB trim), so timed calls run with ordinary allocator behaviour. Where /proc is
 not writable the value is NaN and the method says ``unavailable``.
@@ -66,7 +66,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> tuple[f
     if cpu_method() != CPU_METHOD:
         fn()
         return math.nan, "unavailable"
-    _mallopt(64 * 1024, 64 * 1024, trim_now=True)
+    _mallopt(4096, 64 * 1024, trim_now=True)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
