@@ -99,3 +99,27 @@ def test_shipped_suites_validate():
 
     for path in sorted((ROOT / "suites").glob("*.yaml")):
         load_suite(path)
+
+
+def test_shapes_pair_resolution_dim_heads():
+    shapes = [{"name": "S1", "resolution": 224, "patch": 4, "dim": 96, "heads": 3},
+              {"name": "S2", "resolution": 224, "patch": 8, "dim": 192, "heads": 6}]
+    s = parse_suite({"name": "t", "shapes": shapes, "impls": ["mha.sdpa"]})
+    cases = s.cases("cpu", ["float32"])
+    assert [(c.shape, c.grid_h, c.dim, c.heads) for c in cases] == [("S1", 56, 96, 3), ("S2", 28, 192, 6)]
+    assert cases[0].series != cases[1].series
+
+
+@pytest.mark.parametrize("data,key,text", [
+    ({"name": "t", "shapes": [{"resolution": 64, "dim": 32, "heads": 2}], "dim": 32, "impls": ["mha.sdpa"]},
+     "shapes", "not both"),
+    ({"name": "t", "resolution": 64, "heads": 2, "impls": ["mha.sdpa"]}, "dim", "or give shapes"),
+    ({"name": "t", "shapes": [{"resolution": 64, "dim": 30, "heads": 4}], "impls": ["mha.sdpa"]}, "shapes", "divisible"),
+    ({"name": "t", "shapes": [{"resolution": 66, "dim": 32, "heads": 2}], "impls": ["mha.sdpa"]}, "shapes[0]", "multiple"),
+    ({"name": "t", "shapes": [{"resolution": 64, "dims": 32, "heads": 2}], "impls": ["mha.sdpa"]}, "shapes[0].dims",
+     "did you mean 'dim'"),
+])
+def test_bad_shapes(data, key, text):
+    with pytest.raises(attnbench.SuiteError) as e:
+        parse_suite(data)
+    assert key in str(e.value) and text in str(e.value), str(e.value)
