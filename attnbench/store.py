@@ -22,7 +22,7 @@ ENV_FILE = "env.json"
 SCHEMA_VERSION = 1
 
 BASE_COLUMNS = [
-    "impl", "label", "family", "resolution", "tokens", "grid_h", "grid_w", "batch", "dim", "heads", "dtype",
+    "impl", "label", "family", "shape", "resolution", "tokens", "grid_h", "grid_w", "batch", "dim", "heads", "dtype",
     "mode", "device", "status", "message", "params", "flops_analytic", "macs_fvcore", "macs_fvcore_matmul",
     "flops_torch", "flops_torch_fwd_bwd", "peak_mem_bytes", "peak_mem_method", "latency_ms_median",
     "latency_ms_iqr", "latency_ms_min", "latency_ms_p10", "latency_ms_p90", "latency_n", "noisy",
@@ -107,11 +107,14 @@ def _cell(row: pd.Series, value: str, scale: float, fmt: str) -> str:
 
 
 def pivot(df: pd.DataFrame, value: str, scale: float = 1.0, fmt: str = ".3g") -> pd.DataFrame:
-    """implementation x resolution table of one metric; failed cells show their status."""
-    index = ["label"] + [c for c in ("dtype", "mode", "batch", "dim", "heads") if df[c].nunique() > 1]
+    """implementation x resolution (or x named shape) table of one metric; failed cells show their status."""
+    by_shape = "shape" in df and df["shape"].fillna("").astype(bool).all()
+    columns = "shape" if by_shape else "resolution"
+    varying = ("dtype", "mode", "batch") if by_shape else ("dtype", "mode", "batch", "dim", "heads")
+    index = ["label"] + [c for c in varying if df[c].nunique() > 1]
     d = df.assign(_cell=df.apply(_cell, axis=1, args=(value, scale, fmt)))
-    table = d.pivot_table(index=index, columns="resolution", values="_cell", aggfunc="first", sort=False)
-    table.columns.name = "resolution"
+    table = d.pivot_table(index=index, columns=columns, values="_cell", aggfunc="first", sort=False)
+    table.columns.name = columns
     return table
 
 
