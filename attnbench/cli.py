@@ -41,20 +41,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from . import store
     from .runner import prepare, run_suite
 
+    from .runner import dtype_problem
+
     suite, dev, cases = prepare(args.suite, args.device, args.only)  # everything validated before running
     print(f"attnbench: suite {suite.name!r}: {len(cases)} cells on {dev}", file=sys.stderr)
+    for dtype in dict.fromkeys(c.dtype for c in cases):
+        if dtype_problem(dtype, dev):
+            print(f"attnbench: warning: {dtype} cells are skipped (status unsupported): {dtype_problem(dtype, dev)}",
+                  file=sys.stderr)
     result = None
     try:
         result = run_suite(suite, out=args.out, device=args.device, resume=args.resume, only=args.only,
-                           progress=not args.no_progress, results_root=args.results_root)
+                           progress=not args.no_progress, results_root=args.results_root,
+                           isolation="process" if args.isolate else None)
     except KeyboardInterrupt:
         print("\nattnbench: interrupted; finished cells are saved, `--resume` measures the rest", file=sys.stderr)
         return EXIT_INTERRUPTED
     df = store.load_results(result.run_dir)
     print(store.summary_text(df))
-    wall, harness = df["cell_wall_s"].sum(), df["harness_s"].sum() if "harness_s" in df else 0.0
+    o = result.overhead
     print(f"\nrun folder: {result.run_dir}  ({result.measured} cells measured, {result.reused} reused; "
-          f"{wall:.1f} s in cells, of which {harness:.1f} s building modules and counting FLOPs)")
+          f"{o['wall_s']:.1f} s, of which {o['harness_s'] + o['peaks_s']:.1f} s ({100 * o['harness_fraction']:.1f}%) "
+          f"harness: building modules, counting FLOPs, measuring the device's peaks)")
+    throttled = df[df.get("throttled", "").fillna("").astype(str) != ""] if "throttled" in df else df.iloc[:0]
+    if len(throttled):
+        print(f"attnbench: warning: {len(throttled)} cell(s) ran with the GPU throttled "
+              f"({', '.join(sorted(set(','.join(throttled['throttled']).split(','))))}); see the throttled column",
+              file=sys.stderr)
     failed = df[df["status"].isin(["error"])]
     if len(failed):
         print(f"attnbench: {len(failed)} cell(s) raised; see {result.run_dir / 'errors.log'}", file=sys.stderr)
@@ -73,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(comma-separated, e.g. 'mha.*,sra.conv')")
     r.add_argument("--results-root", type=Path, default=Path("results"), help=argparse.SUPPRESS)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--isolate", action="store_true", help="run each cell in a fresh worker process "
+                                                          "(time-out: the suite's budget.cell_timeout_s)")
     r.set_defaults(func=_cmd_run)
     ls = sub.add_parser("list", help="list registered implementations")
     ls.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'sra.*'")

@@ -1,14 +1,18 @@
 """Execute a suite: one measured row per cell, appended to the run folder as each cell ends.
 
 Statuses: ``ok``; ``oom`` (out of memory); ``over_budget`` (predicted or found to exceed the cell's
-time or memory budget); ``unsupported`` (the implementation's ``supports`` check gave a reason);
-``error`` (any other exception; its traceback goes to ``errors.log``). Within a series (one curve:
-same implementation, parameters, batch, dim, heads, dtype, mode), once a cell is ``oom`` or
-``over_budget`` every larger resolution gets the same status without being tried.
+time or memory budget); ``unsupported`` (the implementation's ``supports`` check gave a reason, the
+device cannot run the dtype, or a pinned SDPA backend cannot take the cell); ``error`` (any other
+exception; its traceback goes to ``errors.log``); with ``isolation: process`` also ``timeout`` (the
+worker was killed at ``budget.cell_timeout_s``) and ``crashed`` (the worker died). Within a series
+(one curve: same implementation, parameters, batch, dim, heads, dtype, mode), once a cell is
+``oom``, ``over_budget`` or ``timeout`` every larger resolution gets that status without being tried.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as _dt
 import fnmatch
 import gc
@@ -27,11 +31,15 @@ from . import registry, store
 from .errors import DeviceError, RunDirError, SuiteError
 from .measure import flops as flops_mod
 from .measure import memory, timing
+from .measure import telemetry as telemetry_mod
 from .measure.env import collect_env
+from .measure.peaks import measure_peaks
+from .measure.telemetry import Telemetry
+from .isolate import measure_in_worker
 from .suite import Case, Suite, SuiteModel, load_suite
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SKIP_STATUSES = ("oom", "over_budget")
+SKIP_STATUSES = ("oom", "over_budget", "timeout")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -49,21 +57,33 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def resolve_dtypes(names: list[str], device: torch.device) -> list[str]:
-    """``auto`` -> bfloat16 on CUDA, float32 on CPU; a dtype the device cannot run is a DeviceError."""
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU; duplicates dropped, order kept."""
     out = []
     for n in names:
         n = ("bfloat16" if device.type == "cuda" else "float32") if n == "auto" else n
         if n not in out:
             out.append(n)
-    for n in out:
-        if device.type == "cuda" and n == "bfloat16" and not torch.cuda.is_bf16_supported():
-            raise DeviceError(f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}")
-        try:  # a tiny matmul in that dtype: the device's own answer
-            a = torch.ones(4, 4, device=device, dtype=DTYPES[n])
-            (a @ a).sum().item()
-        except RuntimeError as exc:
-            raise DeviceError(f"dtype {n} cannot run on {device}: {exc}") from None
     return out
+
+
+_dtype_problems: dict[tuple[str, str], str | None] = {}
+
+
+def dtype_problem(name: str, device: torch.device) -> str | None:
+    """Why ``device`` cannot run dtype ``name`` (None when it can): a tiny matmul in that dtype decides."""
+    key = (name, str(device))
+    if key not in _dtype_problems:
+        problem = None
+        if device.type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
+            problem = f"bfloat16 is not supported by {torch.cuda.get_device_name(device)}"
+        else:
+            try:
+                a = torch.ones(4, 4, device=device, dtype=DTYPES[name])
+                (a @ a).sum().item()
+            except RuntimeError as exc:
+                problem = f"{name} cannot run on {device}: {str(exc).splitlines()[0]}"
+        _dtype_problems[key] = problem
+    return _dtype_problems[key]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -120,81 +140,153 @@ def _wall(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass
+class RunContext:
+    """What every cell of a run shares: the L2 flusher, the GPU telemetry, the device's measured peaks."""
+
+    device: torch.device
+    flush: Callable[[], object] | None = None
+    telemetry: Telemetry | None = None
+    peaks: dict[str, Any] | None = None
+
+    @classmethod
+    def create(cls, settings: SuiteModel, device: torch.device, peaks: dict[str, Any] | None = None) -> "RunContext":
+        flush = timing.l2_flusher(device) if settings.timing.l2_flush else None
+        index = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+        return cls(device=device, flush=flush, telemetry=Telemetry(index), peaks=peaks)
+
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+
+
+def _sdpa_context(name: str):
+    """Pin F.scaled_dot_product_attention to one backend (``auto``: torch chooses)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
+
+
+def _random_input(case: Case, batch: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(batch, case.grid_h, case.grid_w, case.dim, generator=gen)  # never zeros
+    return x.to(device=case.device, dtype=DTYPES[case.dtype])
+
+
+def _find_max_batch(case: Case, module: torch.nn.Module, settings: SuiteModel, row: dict[str, Any]) -> int:
+    """Largest batch <= ``case.batch`` whose call fits, halving on out-of-memory (CPU: the memory budget)."""
+    device = torch.device(case.device)
+    limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
+    batch, tries = case.batch, []
+    if device.type == "cpu":  # an over-large CPU call swaps or is killed instead of raising: estimate first
+        x = _random_input(case, 1, settings.seed)
+        per_image, _ = memory.peak_memory_bytes(_make_call(module, x, case.mode), device)
+        del x
+        while batch > 1 and per_image == per_image and per_image * batch > limit:
+            tries.append({"batch": batch, "fits": False, "why": "estimated memory over budget"})
+            batch //= 2
+    while True:
+        try:
+            x = _random_input(case, batch, settings.seed)
+            _make_call(module, x, case.mode)()
+            del x
+            tries.append({"batch": batch, "fits": True})
+            break
+        except Exception as exc:
+            if not _is_oom(exc) or batch == 1:
+                raise
+            tries.append({"batch": batch, "fits": False, "why": "out of memory"})
+            x = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch //= 2
+    row.update(batch=batch, batch_requested=case.batch, batch_search=tries)
+    return batch
+
+
 def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
-                 errors_log: Path | None = None) -> dict[str, Any]:
+                 errors_log: Path | None = None, ctx: RunContext | None = None) -> dict[str, Any]:
     """Measure one cell and return its row (never raises for a failing cell)."""
     t_cell = time.perf_counter()
     device, dtype = torch.device(case.device), DTYPES[case.dtype]
-    B, H, W, C = case.batch, case.grid_h, case.grid_w, case.dim
+    ctx = ctx or RunContext.create(settings, device)
+    tm, budget_s = settings.timing, settings.budget.cell_time_s
     row = _base_row(case)
+    row.update(sdpa_backend=settings.sdpa_backend, compiled=settings.compile,
+               tf32=torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None)
+    before = ctx.telemetry.snapshot() if ctx.telemetry else {"available": False}
     module = x = call = None
     try:
         build = _builder(case)
         meta = flops_mod.build_meta(build, dtype)
-        reason = meta.supports(H, W) if hasattr(meta, "supports") else None
+        reason = meta.supports(case.grid_h, case.grid_w) if hasattr(meta, "supports") else None
         if reason:
             row.update(status="unsupported", message=reason)
             return row
-        _count(case, row, meta, build)
         del meta
-        budget_s = settings.budget.cell_time_s
-        tm = settings.timing
-        flops_now = row.get("flops_analytic", row.get("flops_torch", math.nan))
-        if prior is not None:
-            predicted_s = prior.latency_ms / 1e3 * (flops_now / prior.flops if prior.flops else 1.0)
-            if predicted_s * (1 + tm.min_repeats) > budget_s:
-                raise _OverBudget(f"predicted {predicted_s:.3g} s per call (resolution {prior.resolution}: "
-                                  f"{prior.latency_ms:.3g} ms, scaled by FLOPs) x {1 + tm.min_repeats} calls "
-                                  f"exceeds the cell budget of {budget_s:g} s")
-            if device.type == "cpu" and prior.peak_mem_bytes == prior.peak_mem_bytes:
-                predicted_mem = prior.peak_mem_bytes * (case.tokens / prior.tokens) ** 2
-                limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
-                if predicted_mem > limit:
-                    raise _OverBudget(f"predicted peak memory {predicted_mem / 2**30:.3g} GiB (resolution "
-                                      f"{prior.resolution} scaled by tokens^2) exceeds the memory budget "
-                                      f"{limit / 2**30:.3g} GiB")
         torch.manual_seed(settings.seed)
         module = build().to(device=device, dtype=dtype)
-        gen = torch.Generator(device="cpu").manual_seed(settings.seed + 1)
-        x = torch.randn(B, H, W, C, generator=gen).to(device=device, dtype=dtype)  # never zeros
-        call = _make_call(module, x, case.mode)
+        if settings.find_max_batch:
+            case = dataclasses.replace(case, batch=_find_max_batch(case, module, settings, row))
+        _count(case, row, flops_mod.build_meta(build, dtype), build)
+        if prior is not None and not settings.find_max_batch:
+            _check_prediction(case, row, prior, settings)
+        x = _random_input(case, case.batch, settings.seed)
         if row.get("macs_fvcore") != row.get("macs_fvcore"):  # NaN: fvcore could not trace on meta
             row.update(flops_mod.count_fvcore(module.eval(), x))
-        harness_s = time.perf_counter() - t_cell
-        # 1. first call, alone: too slow already -> over budget
-        t_start = time.perf_counter()
-        first_s = _wall(call, device)
-        if first_s * 2 > budget_s:
-            raise _OverBudget(f"the first call took {first_s:.3g} s, over half the cell budget of {budget_s:g} s")
-        # 2. warm-up by time
-        warm = timing.time_calls(call, device, 1)
-        while sum(warm) / 1e3 < tm.warmup_s:
-            warm += timing.time_calls(call, device, max(1, len(warm)))
-        est_s = sorted(warm)[len(warm) // 2] / 1e3
-        # 3. peak memory of one call
-        row["peak_mem_bytes"], row["peak_mem_method"] = memory.peak_memory_bytes(call, device)
-        # 4. timed repeats, as many as fit the target time and the remaining budget
-        remaining_s = budget_s - (time.perf_counter() - t_start)
-        n = min(max(math.ceil(tm.target_s / max(est_s, 1e-9)), tm.min_repeats), tm.max_repeats)
-        if est_s * tm.min_repeats > remaining_s:
-            raise _OverBudget(f"{tm.min_repeats} calls of {est_s * 1e3:.3g} ms exceed the {remaining_s:.3g} s "
-                              f"left of the cell budget of {budget_s:g} s")
-        n = max(tm.min_repeats, min(n, int(remaining_s / max(est_s, 1e-9))))
-        samples = timing.time_calls(call, device, n)
+        if settings.compile:
+            module = torch.compile(module)
+        call = _make_call(module, x, case.mode)
+        row["harness_s"] = time.perf_counter() - t_cell
+        with _sdpa_context(settings.sdpa_backend):
+            # 1. first call, alone (with compile: the compilation); too slow already -> over budget
+            first_s = _wall(call, device)
+            if settings.compile:
+                row["compile_s"] = first_s
+                first_s = _wall(call, device)
+            t_start = time.perf_counter() - first_s
+            if first_s * 2 > budget_s:
+                raise _OverBudget(f"the first call took {first_s:.3g} s, over half the cell budget of {budget_s:g} s")
+            # 2. warm-up by time
+            warm = timing.time_calls(call, device, 1)
+            while sum(warm) / 1e3 < tm.warmup_s:
+                warm += timing.time_calls(call, device, max(1, len(warm)))
+            row["warmup_calls"] = 1 + len(warm)
+            # 3. peak memory of one call
+            row["peak_mem_bytes"], row["peak_mem_method"] = memory.peak_memory_bytes(call, device)
+            # 4. the timed calls: CUDA events (L2 flushed before each), graph replays, or perf_counter
+            timed, flush, method = call, ctx.flush, "perf_counter" if device.type == "cpu" else "cuda_events"
+            if tm.cuda_graph and device.type == "cuda":
+                if case.mode == "forward":
+                    timed, method = timing.capture_graph(call, device), "cuda_graph_replay"
+                else:
+                    row["message"] = "cuda_graph: not used in train mode (timed with CUDA events)"
+            row["timing_method"] = method
+            row["l2_flush"] = flush is not None
+            est_s = sorted(warm)[len(warm) // 2] / 1e3
+            remaining_s = budget_s - (time.perf_counter() - t_start)
+            n = timing.plan_repeats(est_s, tm.target_s, tm.min_repeats, tm.max_repeats, remaining_s)
+            if n is None:
+                raise _OverBudget(f"{tm.min_repeats} calls of {est_s * 1e3:.3g} ms exceed the {remaining_s:.3g} s "
+                                  f"left of the cell budget of {budget_s:g} s")
+            samples = timing.time_calls(timed, device, n, flush=flush)
         row.update(timing.summarize(samples))
         row["latency_ms_samples"] = samples
-        row["warmup_calls"] = 1 + len(warm)
-        sec = row["latency_ms_median"] / 1e3
-        row["throughput_img_s"] = B / sec if sec > 0 else math.nan
-        row["throughput_tok_s"] = B * case.tokens / sec if sec > 0 else math.nan
-        row["harness_s"] = harness_s
+        row.update(_derived(case, row, ctx.peaks))
     except _OverBudget as exc:
         row.update(status="over_budget", message=str(exc))
     except Exception as exc:  # one failing cell never ends the sweep
+        text = str(exc).splitlines()[0][:300] if str(exc) else ""
         if _is_oom(exc):
-            row.update(status="oom", message=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            row.update(status="oom", message=f"{type(exc).__name__}: {text}")
+        elif "No available kernel" in str(exc) or "No viable backend" in str(exc):  # pinned SDPA backend
+            row.update(status="unsupported", message=f"sdpa_backend {settings.sdpa_backend}: {text}")
         else:
-            row.update(status="error", message=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            row.update(status="error", message=f"{type(exc).__name__}: {text}")
             if errors_log is not None:
                 with open(errors_log, "a") as f:
                     f.write(f"=== {case.label} resolution={case.resolution} cell_id={case.cell_id}\n")
@@ -205,8 +297,47 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-    row["cell_wall_s"] = time.perf_counter() - t_cell
+        after = ctx.telemetry.snapshot() if ctx.telemetry else {"available": False}
+        row["telemetry"] = "nvml" if before.get("available") else "absent"
+        if before.get("available"):
+            row.update(telemetry_mod.flatten("gpu_before", before))
+            row.update(telemetry_mod.flatten("gpu_after", after))
+            row["throttled"] = ",".join(telemetry_mod.throttled(before, after))
+        row["cell_wall_s"] = time.perf_counter() - t_cell
     return row
+
+
+def _check_prediction(case: Case, row: dict[str, Any], prior: _Prior, settings: SuiteModel) -> None:
+    """Raise _OverBudget when the previous cell of the series predicts this one will not fit."""
+    tm, budget_s = settings.timing, settings.budget.cell_time_s
+    flops_now = row.get("flops_analytic", row.get("flops_torch", math.nan))
+    predicted_s = prior.latency_ms / 1e3 * (flops_now / prior.flops if prior.flops else 1.0)
+    if predicted_s * (1 + tm.min_repeats) > budget_s:
+        raise _OverBudget(f"predicted {predicted_s:.3g} s per call (resolution {prior.resolution}: "
+                          f"{prior.latency_ms:.3g} ms, scaled by FLOPs) x {1 + tm.min_repeats} calls "
+                          f"exceeds the cell budget of {budget_s:g} s")
+    device = torch.device(case.device)
+    if device.type == "cpu" and prior.peak_mem_bytes == prior.peak_mem_bytes:
+        predicted_mem = prior.peak_mem_bytes * (case.tokens / prior.tokens) ** 2
+        limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
+        if predicted_mem > limit:
+            raise _OverBudget(f"predicted peak memory {predicted_mem / 2**30:.3g} GiB (resolution "
+                              f"{prior.resolution} scaled by tokens^2) exceeds the memory budget "
+                              f"{limit / 2**30:.3g} GiB")
+
+
+def _derived(case: Case, row: dict[str, Any], peaks: dict[str, Any] | None) -> dict[str, Any]:
+    """Throughput, achieved TFLOP/s and the fraction of the device's measured matmul peak."""
+    sec = row["latency_ms_median"] / 1e3
+    out: dict[str, Any] = {"throughput_img_s": case.batch / sec if sec > 0 else math.nan,
+                           "throughput_tok_s": case.batch * case.tokens / sec if sec > 0 else math.nan}
+    flops = row.get("flops_torch_fwd_bwd") if case.mode == "train" else row.get("flops_torch")
+    if flops is None or flops != flops:
+        flops = row.get("flops_analytic")
+    out["tflops_achieved"] = flops / sec / 1e12 if flops and sec > 0 else math.nan
+    peak = (peaks or {}).get("matmul_tflops", {}).get(case.dtype)
+    out["peak_fraction"] = out["tflops_achieved"] / peak if peak else math.nan
+    return out
 
 
 @dataclass
@@ -215,6 +346,7 @@ class RunResult:
     rows: list[dict[str, Any]]
     measured: int  # cells measured in this session
     reused: int  # cells taken from an earlier session (--resume)
+    overhead: dict[str, Any] = dataclasses.field(default_factory=dict)  # this session's time accounting
 
 
 def _select(cases: list[Case], only: str | None) -> list[Case]:
@@ -238,6 +370,9 @@ def prepare(suite: Suite | str | Path, device: str | None = None, only: str | No
         suite = load_suite(suite)
     dev = resolve_device(device or suite.model.device)
     dtypes = resolve_dtypes(suite.model.dtype, dev)
+    problems = [dtype_problem(d, dev) for d in dtypes]
+    if all(problems):
+        raise DeviceError("; ".join(problems))  # nothing could run: bad input, not a skip
     cases = _select(suite.cases(str(dev), dtypes), only)
     if not cases:
         known = ", ".join(e.label for e in suite.entries)
@@ -247,16 +382,21 @@ def prepare(suite: Suite | str | Path, device: str | None = None, only: str | No
 
 def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: str | None = None,
               resume: bool = False, only: str | None = None, progress: bool = True,
-              results_root: str | Path = "results",
+              results_root: str | Path = "results", isolation: str | None = None,
               on_row: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Run every cell of ``suite`` and return the rows; each row is on disk as soon as its cell ends.
 
     ``out`` is the run folder (default ``results/<suite name>/<UTC time>``). ``resume`` reuses the
     rows already in ``out`` (or in the latest run of the suite) and measures only the missing cells.
+    ``isolation`` ("none" or "process") overrides the suite's.
     """
+    t_run = time.perf_counter()
     suite, dev, cases = prepare(suite, device, only)
-    if suite.model.threads:
-        torch.set_num_threads(suite.model.threads)
+    settings = suite.model if isolation is None else suite.model.model_copy(update={"isolation": isolation})
+    torch.set_num_threads(settings.threads or torch.get_num_threads())  # fixed for the run, and recorded
+    if settings.tf32 is not None and dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
+        torch.backends.cudnn.allow_tf32 = settings.tf32
     root = Path(results_root) / suite.name
     if out is not None:
         run_dir = Path(out)
@@ -275,7 +415,12 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
     session = len(list(run_dir.glob("env*.json")))
     env = collect_env(dev)
     env.update(suite_name=suite.name, suite_path=str(suite.path) if suite.path else None, session=session,
-               only=only, device_requested=device or suite.model.device)
+               only=only, device_requested=device or suite.model.device, isolation=settings.isolation)
+    runnable = [d for d in dict.fromkeys(c.dtype for c in cases) if not dtype_problem(d, dev)]
+    t_peaks = time.perf_counter()
+    env["peaks"] = measure_peaks(dev, runnable) if settings.measure_peaks else None
+    peaks_s = time.perf_counter() - t_peaks
+    ctx = RunContext.create(settings, dev, env["peaks"])
     (run_dir / (store.ENV_FILE if session == 0 else f"env.{session}.json")).write_text(json.dumps(env, indent=2, default=str))
     if session == 0:
         (run_dir / "suite.yaml").write_text(yaml.safe_dump(suite.raw, sort_keys=False))
@@ -295,14 +440,19 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
             if case.cell_id in done:
                 row = done[case.cell_id]
                 reused += 1
-            elif case.series in blocked:
-                b = blocked[case.series]
-                row = measure_case_skipped(case, b["status"], f"skipped: resolution {b['resolution']} was {b['status']}")
-                row["session"] = session
-                store.append_row(run_dir, row)
-                measured += 1
             else:
-                row = measure_case(case, suite.model, priors.get(case.series), run_dir / "errors.log")
+                if dtype_problem(case.dtype, dev):
+                    row = measure_case_skipped(case, "unsupported", dtype_problem(case.dtype, dev))
+                elif case.series in blocked:
+                    b = blocked[case.series]
+                    row = measure_case_skipped(case, b["status"],
+                                               f"skipped: resolution {b['resolution']} was {b['status']}")
+                elif settings.isolation == "process":
+                    row = measure_in_worker(case, settings, priors.get(case.series), run_dir / "errors.log",
+                                            suite.plugin_paths, env["peaks"], settings.budget.cell_timeout_s,
+                                            _base_row(case))
+                else:
+                    row = measure_case(case, settings, priors.get(case.series), run_dir / "errors.log", ctx)
                 row["session"] = session
                 store.append_row(run_dir, row)
                 measured += 1
@@ -321,7 +471,15 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
     finally:
         if bar is not None:
             bar.close()
-    return RunResult(run_dir=run_dir, rows=rows, measured=measured, reused=reused)
+        new = [r for r in rows if r.get("session") == session]
+        overhead = {"session": session, "wall_s": time.perf_counter() - t_run, "cells_measured": measured,
+                    "cells_reused": reused, "cells_wall_s": sum(r.get("cell_wall_s") or 0 for r in new),
+                    "harness_s": sum(r.get("harness_s") or 0 for r in new), "peaks_s": peaks_s}
+        overhead["harness_fraction"] = ((overhead["harness_s"] + peaks_s) / overhead["wall_s"]
+                                        if overhead["wall_s"] > 0 else math.nan)
+        with open(run_dir / "run.jsonl", "a") as f:
+            f.write(json.dumps(overhead) + "\n")
+    return RunResult(run_dir=run_dir, rows=rows, measured=measured, reused=reused, overhead=overhead)
 
 
 def _base_row(case: Case) -> dict[str, Any]:

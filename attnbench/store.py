@@ -26,7 +26,8 @@ BASE_COLUMNS = [
     "mode", "device", "status", "message", "params", "flops_analytic", "macs_fvcore", "macs_fvcore_matmul",
     "flops_torch", "flops_torch_fwd_bwd", "peak_mem_bytes", "peak_mem_method", "latency_ms_median",
     "latency_ms_iqr", "latency_ms_min", "latency_ms_p10", "latency_ms_p90", "latency_n", "noisy",
-    "throughput_img_s", "throughput_tok_s", "cpu_threads", "cell_id",
+    "throughput_img_s", "throughput_tok_s", "tflops_achieved", "peak_fraction", "timing_method", "l2_flush",
+    "sdpa_backend", "compiled", "compile_s", "tf32", "telemetry", "throttled", "cpu_threads", "cell_id",
 ]
 
 
@@ -129,4 +130,24 @@ def summary_text(df: pd.DataFrame) -> str:
         parts.append(f"{title}\n{pivot(df, col, scale, fmt).to_string()}")
     counts = df["status"].value_counts().to_dict()
     parts.append("cells: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    flagged = attention_list(df)
+    if flagged:
+        parts.append("cells to look at:\n" + "\n".join(f"  {line}" for line in flagged))
     return "\n\n".join(parts)
+
+
+def attention_list(df: pd.DataFrame) -> list[str]:
+    """One line per cell that is noisy, ran throttled, or did not finish with status ok (skips folded)."""
+    lines = []
+    for _, r in df.iterrows():
+        where = f"{r['label']} {r['resolution']}px {r['dtype']} {r['mode']}"
+        if r["status"] != "ok":
+            if not str(r["message"]).startswith("skipped:"):
+                lines.append(f"{r['status']}: {where}: {r['message']}")
+        else:
+            if r.get("noisy") is True:
+                lines.append(f"noisy: {where}: IQR {r['latency_ms_iqr']:.3g} ms on a median of "
+                             f"{r['latency_ms_median']:.3g} ms")
+            if isinstance(r.get("throttled"), str) and r["throttled"]:
+                lines.append(f"throttled: {where}: {r['throttled']}")
+    return lines

@@ -46,6 +46,8 @@ class TimingSettings(_Strict):
     target_s: Annotated[float, Field(gt=0)] = 0.5
     min_repeats: PosInt = 5
     max_repeats: PosInt = 100
+    l2_flush: bool = True  # GPU: evict L2 before each timed call
+    cuda_graph: bool = False  # GPU, forward mode: time replays of a captured CUDA graph
 
 
 class BudgetSettings(_Strict):
@@ -53,6 +55,7 @@ class BudgetSettings(_Strict):
 
     cell_time_s: Annotated[float, Field(gt=0)] = 30.0
     memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.6
+    cell_timeout_s: Annotated[float, Field(gt=0)] = 600.0  # isolation: process only; a worker past it is killed
 
 
 class ShapeSpec(_Strict):
@@ -81,6 +84,12 @@ class SuiteModel(_Strict):
     plugins: list[str] = []
     seed: int = 0
     threads: PosInt | None = None
+    tf32: bool | None = None  # CUDA float32 matmul/conv in TF32; null leaves torch's setting
+    sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    compile: bool = False  # run the module under torch.compile (compile time recorded apart)
+    isolation: Literal["none", "process"] = "none"  # process: each cell in a fresh worker with a time-out
+    find_max_batch: bool = False  # halve `batch` on out-of-memory until a call fits; measure there
+    measure_peaks: bool = True  # measure the device's matmul peak and copy bandwidth once per run
     timing: TimingSettings = TimingSettings()
     budget: BudgetSettings = BudgetSettings()
 
@@ -161,6 +170,7 @@ class Suite:
     path: Path | None
     entries: list[ImplEntry]
     raw: dict[str, Any] = field(default_factory=dict)
+    plugin_paths: list[str] = field(default_factory=list)  # resolved, for worker processes
 
     @property
     def name(self) -> str:
@@ -226,7 +236,9 @@ def _parse_entry(item: Any, i: int, where: str) -> ImplEntry:
     return ImplEntry(name=name, params=tuple(sorted(params.items())))
 
 
-def load_plugins(paths: list[str], base: Path | None, where: str) -> None:
+def load_plugins(paths: list[str], base: Path | None, where: str) -> list[str]:
+    """Load each plugin file (paths relative to the suite's folder); return the resolved paths."""
+    resolved = []
     for i, p in enumerate(paths):
         path = Path(p)
         if not path.is_absolute() and base is not None:
@@ -235,6 +247,8 @@ def load_plugins(paths: list[str], base: Path | None, where: str) -> None:
             registry.load_plugin_file(path)
         except AttnbenchError as exc:
             raise SuiteError(str(exc), where, f"plugins[{i}]") from None
+        resolved.append(str(path.resolve()))
+    return resolved
 
 
 def parse_suite(data: Any, path: Path | None = None) -> Suite:
@@ -259,7 +273,7 @@ def parse_suite(data: Any, path: Path | None = None) -> Suite:
         missing = [k for k in ("resolution", "dim", "heads") if k not in grid_keys]
         raise SuiteError("required key is missing (or give shapes: a list of {resolution, dim, heads})",
                          where, missing[0])
-    load_plugins(model.plugins, path.parent if path is not None else None, where)
+    plugin_paths = load_plugins(model.plugins, path.parent if path is not None else None, where)
     entries = [_parse_entry(item, i, where) for i, item in enumerate(model.impls)]
     shapes = shapes_of(model)
     for i, res in enumerate(model.resolution or []):
@@ -285,7 +299,7 @@ def parse_suite(data: Any, path: Path | None = None) -> Suite:
             except (ValueError, TypeError, AssertionError) as exc:
                 raise SuiteError(f"{entry.name} cannot be built with dim={dim}, heads={heads}: {exc}",
                                  where, f"impls[{i}]") from None
-    return Suite(model=model, path=path, entries=entries, raw=data)
+    return Suite(model=model, path=path, entries=entries, raw=data, plugin_paths=plugin_paths)
 
 
 def load_suite(path: str | Path) -> Suite:

@@ -67,3 +67,36 @@ class ToyPicky(_Base):
 
     def supports(self, height, width):
         return None if height % 2 == 0 and width % 2 == 0 else f"grid {height}x{width} is odd"
+
+
+@attnbench.register("toy.hang", family="toy")
+class ToyHang(_Base):
+    """Hangs (sleeps an hour) on real grids of 12 tokens or more per side (meta tensors, for counting, pass)."""
+
+    def forward(self, x):
+        if x.shape[1] >= 12 and x.device.type != "meta":
+            time.sleep(3600)
+        return self.proj(x)
+
+
+@attnbench.register("toy.crash", family="toy")
+class ToyCrash(_Base):
+    """Kills its own process (as a segfault would) on real grids of 12 tokens or more per side."""
+
+    def forward(self, x):
+        if x.shape[1] >= 12 and x.device.type != "meta":
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.proj(x)
+
+
+@attnbench.register("toy.batchcap", family="toy")
+class ToyBatchCap(_Base):
+    """Runs out of memory above a batch of 4."""
+
+    def forward(self, x):
+        if x.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (toy: batch above 4)")
+        return self.proj(x)

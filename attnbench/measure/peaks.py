@@ -1,0 +1,58 @@
+"""The device's own limits, measured once per run: dense-matmul throughput and copy bandwidth.
+
+They turn a cell's counted FLOPs and latency into "how close to the hardware": achieved TFLOP/s
+over the measured matmul peak of the same dtype. Measured, not looked up in a spec sheet: a
+throttled, shared or power-capped device is judged against what it can do now.
+
+- ``matmul_tflops[dtype]``: median over repeated square matmuls (n = 8192 on CUDA, 1024 on CPU),
+  2 n^3 FLOPs each.
+- ``copy_gb_s``: median over repeated ``dst.copy_(src)`` of 1 GiB on CUDA (128 MiB on CPU), counted
+  as read + write (2 x bytes) per copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import timing
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _median_ms(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    timing.time_calls(fn, device, 2)
+    return float(np.median(timing.time_calls(fn, device, repeats)))
+
+
+def measure_peaks(device: torch.device, dtypes: list[str], repeats: int = 10) -> dict[str, Any]:
+    """Measure matmul TFLOP/s per dtype and copy bandwidth on ``device``; failures are recorded, not raised."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 1024
+    out: dict[str, Any] = {"device": str(device), "matmul_n": n, "matmul_tflops": {}, "copy_gb_s": None,
+                           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if cuda else None}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for name in dtypes:
+        try:
+            a = torch.randn(n, n, generator=gen).to(device=device, dtype=DTYPES[name])
+            b = torch.randn(n, n, generator=gen).to(device=device, dtype=DTYPES[name])
+            ms = _median_ms(lambda: torch.mm(a, b), device, repeats if cuda else 3)
+            out["matmul_tflops"][name] = 2 * n ** 3 / (ms / 1e3) / 1e12
+            del a, b
+        except RuntimeError as exc:
+            out.setdefault("errors", []).append(f"matmul {name}: {exc}")
+    try:
+        nbytes = (1 << 30) if cuda else (128 << 20)
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+        dst = torch.empty_like(src)
+        ms = _median_ms(lambda: dst.copy_(src), device, repeats if cuda else 5)
+        out["copy_gb_s"] = 2 * nbytes / (ms / 1e3) / 1e9
+        del src, dst
+    except RuntimeError as exc:
+        out.setdefault("errors", []).append(f"copy: {exc}")
+    if cuda:
+        torch.cuda.empty_cache()
+    return out

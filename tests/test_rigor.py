@@ -1,0 +1,196 @@
+"""Measurement rigor: calibration, dtype skips, isolation and time-outs, largest batch, telemetry,
+device peaks, derived performance, SDPA backend pinning, torch.compile, overhead accounting."""
+
+import json
+
+import pytest
+import torch
+
+import attnbench
+from attnbench import runner
+from attnbench.measure import peaks, telemetry, timing
+from attnbench.runner import prepare, run_suite
+from attnbench.suite import parse_suite
+from conftest import ROOT
+
+FAST = {"warmup_s": 0.0, "target_s": 0.01, "min_repeats": 3, "max_repeats": 5}
+
+
+def suite(impls, resolution=(32,), **kw):
+    d = {"name": "t", "device": "cpu", "dim": 16, "heads": 2, "resolution": list(resolution),
+         "plugins": [str(ROOT / "tests" / "plugins" / "toy.py")], "impls": impls, "timing": FAST,
+         "measure_peaks": False, **kw}
+    return parse_suite(d)
+
+
+# --- calibration ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("est,remaining,want", [
+    (0.001, 100, 500),   # 0.5 s target / 1 ms a call = 500 calls
+    (0.5, 100, 5),       # slow: at least min_repeats
+    (1e-6, 100, 1000),   # fast: at most max_repeats
+    (0.01, 0.3, 30),     # the budget left caps the count...
+    (0.1, 0.45, None),   # ...and when min_repeats do not fit in it, there is no plan
+])
+def test_plan_repeats(est, remaining, want):
+    assert timing.plan_repeats(est, target_s=0.5, min_repeats=5, max_repeats=1000, remaining_s=remaining) == want
+
+
+def test_cuda_graph_and_flush_need_a_gpu():
+    assert timing.l2_flusher(torch.device("cpu")) is None
+    with pytest.raises(RuntimeError):
+        timing.capture_graph(lambda: None, torch.device("cpu"))
+
+
+# --- dtypes ---------------------------------------------------------------------------------------
+
+def test_dtype_the_device_lacks_is_a_skip(tmp_path, monkeypatch):
+    monkeypatch.setitem(runner._dtype_problems, ("bfloat16", "cpu"), "bfloat16 is not supported by this toy device")
+    res = run_suite(suite(["mha.sdpa"], dtype=["float32", "bfloat16"]), out=tmp_path / "r", progress=False)
+    st = {r["dtype"]: (r["status"], r["message"]) for r in res.rows}
+    assert st["float32"] == ("ok", "")
+    assert st["bfloat16"] == ("unsupported", "bfloat16 is not supported by this toy device")
+
+
+def test_no_runnable_dtype_is_bad_input(monkeypatch):
+    monkeypatch.setitem(runner._dtype_problems, ("float16", "cpu"), "float16 is not supported by this toy device")
+    with pytest.raises(attnbench.DeviceError, match="float16"):
+        prepare(suite(["mha.sdpa"], dtype="float16"))
+
+
+def test_float16_and_bfloat16_run_on_cpu(tmp_path):
+    res = run_suite(suite(["mha.math", "swin.shift_cyclic"], dtype=["float16", "bfloat16"], mode=["forward", "train"]),
+                    out=tmp_path / "r", progress=False)
+    assert {r["status"] for r in res.rows} == {"ok"}, [r["message"] for r in res.rows]
+
+
+# --- isolation --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_isolated_hang_and_crash_become_rows(tmp_path):
+    s = suite(["toy.hang", "toy.crash", "toy.proj"], resolution=(32, 48, 64), isolation="process",
+              budget={"cell_timeout_s": 12})
+    res = run_suite(s, out=tmp_path / "r", progress=False)
+    st = {(r["impl"], r["resolution"]): r for r in res.rows}
+    assert st[("toy.hang", 32)]["status"] == "ok" and st[("toy.hang", 32)]["isolation"] == "process"
+    assert st[("toy.hang", 48)]["status"] == "timeout" and "12 s" in st[("toy.hang", 48)]["message"]
+    assert st[("toy.hang", 64)]["status"] == "timeout"  # not tried: skipped after the time-out
+    assert st[("toy.hang", 64)]["message"] == "skipped: resolution 48 was timeout"
+    assert st[("toy.crash", 32)]["status"] == "ok"
+    assert st[("toy.crash", 48)]["status"] == "crashed" and "signal 9" in st[("toy.crash", 48)]["message"]
+    assert st[("toy.crash", 64)]["status"] == "crashed"  # a crash does not block larger cells: each is tried
+    assert all(st[("toy.proj", r)]["status"] == "ok" for r in (32, 48, 64))
+    assert len(attnbench.load_results(res.run_dir)) == 9
+
+
+# --- largest batch ----------------------------------------------------------------------------------
+
+def test_find_max_batch_halves_on_oom(tmp_path):
+    res = run_suite(suite(["toy.batchcap"], batch=32, find_max_batch=True), out=tmp_path / "r", progress=False)
+    row = res.rows[0]
+    assert row["status"] == "ok" and row["batch"] == 4 and row["batch_requested"] == 32
+    assert [t["batch"] for t in row["batch_search"]] == [32, 16, 8, 4]
+    assert [t["fits"] for t in row["batch_search"]] == [False, False, False, True]
+    assert row["throughput_img_s"] == pytest.approx(4 / (row["latency_ms_median"] / 1e3))
+
+
+def test_find_max_batch_respects_cpu_memory_budget(tmp_path):
+    """On CPU a too-large batch is predicted from the batch-1 peak, never tried (it would swap)."""
+    res = run_suite(suite(["mha.math"], resolution=(256,), batch=1 << 20, find_max_batch=True,
+                          budget={"memory_fraction": 0.05}), out=tmp_path / "r", progress=False)
+    row = res.rows[0]
+    assert row["status"] == "ok" and 1 <= row["batch"] < 1 << 20
+    assert row["batch_search"][0]["why"] == "estimated memory over budget"
+
+
+# --- telemetry ------------------------------------------------------------------------------------
+
+def test_clock_event_reasons_decode():
+    assert telemetry.decode_reasons(0) == []
+    assert telemetry.decode_reasons(0x1 | 0x4 | 0x40) == ["gpu_idle", "sw_power_cap", "hw_thermal_slowdown"]
+    assert telemetry.decode_reasons(0x10000) == ["other_0x10000"]
+    snaps = [{"clock_event_reasons": ["gpu_idle"]}, {"clock_event_reasons": ["sw_power_cap", "gpu_idle"]}]
+    assert telemetry.throttled(*snaps) == ["sw_power_cap"]
+    assert telemetry.throttled({"clock_event_reasons": ["gpu_idle", "applications_clocks_setting"]}) == []
+
+
+def test_telemetry_absent_without_gpu(tmp_path):
+    t = telemetry.Telemetry(None)
+    assert t.snapshot() == {"available": False, "reason": "no CUDA device in use"}
+    res = run_suite(suite(["mha.sdpa"]), out=tmp_path / "r", progress=False)
+    assert res.rows[0]["telemetry"] == "absent" and res.rows[0]["status"] == "ok"
+
+
+def test_throttled_cells_are_listed():
+    from attnbench import store
+    import pandas as pd
+
+    df = pd.DataFrame([{"label": "a", "resolution": 224, "dtype": "bfloat16", "mode": "forward", "status": "ok",
+                        "message": "", "noisy": False, "throttled": "sw_power_cap", "latency_ms_iqr": 0.1,
+                        "latency_ms_median": 1.0}])
+    assert store.attention_list(df) == ["throttled: a 224px bfloat16 forward: sw_power_cap"]
+
+
+# --- peaks and derived performance -----------------------------------------------------------------
+
+def test_device_peaks_and_fraction(tmp_path):
+    p = peaks.measure_peaks(torch.device("cpu"), ["float32"])
+    assert p["matmul_tflops"]["float32"] > 0 and p["copy_gb_s"] > 0
+    res = run_suite(suite(["mha.sdpa"], measure_peaks=True), out=tmp_path / "r", progress=False)
+    env = json.loads((res.run_dir / "env.json").read_text())
+    assert env["peaks"]["matmul_tflops"]["float32"] > 0
+    row = res.rows[0]
+    sec = row["latency_ms_median"] / 1e3
+    assert row["tflops_achieved"] == pytest.approx(row["flops_torch"] / sec / 1e12)
+    assert row["peak_fraction"] == pytest.approx(row["tflops_achieved"] / env["peaks"]["matmul_tflops"]["float32"])
+
+
+# --- SDPA backend, compile, TF32, overhead -----------------------------------------------------------
+
+def test_sdpa_backend_pinned_and_recorded(tmp_path):
+    res = run_suite(suite(["mha.sdpa"], sdpa_backend="math"), out=tmp_path / "a", progress=False)
+    assert res.rows[0]["status"] == "ok" and res.rows[0]["sdpa_backend"] == "math"
+    if not torch.cuda.is_available():  # no memory-efficient kernel on CPU: a clear skip, not a crash
+        res = run_suite(suite(["mha.sdpa"], sdpa_backend="efficient"), out=tmp_path / "b", progress=False)
+        assert res.rows[0]["status"] == "unsupported" and "sdpa_backend efficient" in res.rows[0]["message"]
+
+
+@pytest.mark.slow
+def test_compile_time_recorded_apart(tmp_path):
+    res = run_suite(suite(["mha.sdpa"], compile=True), out=tmp_path / "r", progress=False)
+    row = res.rows[0]
+    assert row["status"] == "ok" and row["compiled"] is True
+    assert row["compile_s"] > row["latency_ms_median"] / 1e3  # the compilation is not in the samples
+
+
+def test_overhead_is_accounted(tmp_path):
+    res = run_suite(suite(["mha.sdpa", "sra.conv"], resolution=(32, 64)), out=tmp_path / "r", progress=False)
+    o = json.loads((res.run_dir / "run.jsonl").read_text().splitlines()[-1])
+    assert o == res.overhead and o["cells_measured"] == 4
+    assert 0 < o["harness_s"] < o["wall_s"] and 0 < o["harness_fraction"] < 1
+    assert all(r["cpu_threads"] == torch.get_num_threads() for r in res.rows)
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_flush_graph_and_telemetry(tmp_path):
+    s = suite(["mha.sdpa"], device="cuda", resolution=(64, 128), measure_peaks=True,
+              timing={**FAST, "cuda_graph": True, "l2_flush": True})
+    res = run_suite(s, out=tmp_path / "r", progress=False)
+    for row in res.rows:
+        assert row["status"] == "ok", row["message"]
+        assert row["timing_method"] == "cuda_graph_replay" and row["l2_flush"] is True
+        assert row["telemetry"] in ("nvml", "absent")
+        assert 0 < row["peak_fraction"] < 1.5
+
+
+@pytest.mark.gpu
+def test_gpu_train_mode_memory_and_time(tmp_path):
+    res = run_suite(suite(["mha.math", "mha.sdpa"], device="cuda", mode=["forward", "train"], resolution=(128,)),
+                    out=tmp_path / "r", progress=False)
+    df = attnbench.load_results(res.run_dir).set_index(["impl", "mode"])
+    assert set(df["status"]) == {"ok"}
+    for impl in ("mha.math", "mha.sdpa"):
+        assert df.loc[(impl, "train"), "peak_mem_bytes"] > df.loc[(impl, "forward"), "peak_mem_bytes"]
+        assert df.loc[(impl, "train"), "latency_ms_median"] > df.loc[(impl, "forward"), "latency_ms_median"]
