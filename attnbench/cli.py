@@ -7,6 +7,7 @@ Exit codes: 0 success (a sweep with failed cells still succeeds: they are rows),
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'sra.*'")
     ls.add_argument("--plugin", action="append", type=Path, help="also load this plugin file")
     ls.set_defaults(func=_cmd_list)
+    for name in ("report", "regress"):  # analysis commands: show/plot/report, compare/check/baseline
+        try:
+            module = importlib.import_module(f"attnbench.cli_{name}")
+        except ModuleNotFoundError:
+            continue
+        module.register(sub)
     return p
 
 

@@ -90,6 +90,7 @@ class SuiteModel(_Strict):
     isolation: Literal["none", "process"] = "none"  # process: each cell in a fresh worker with a time-out
     find_max_batch: bool = False  # halve `batch` on out-of-memory until a call fits; measure there
     measure_peaks: bool = True  # measure the device's matmul peak and copy bandwidth once per run
+    pairs: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []  # [faster?, baseline] speed-up plots
     timing: TimingSettings = TimingSettings()
     budget: BudgetSettings = BudgetSettings()
 
@@ -275,6 +276,12 @@ def parse_suite(data: Any, path: Path | None = None) -> Suite:
                          where, missing[0])
     plugin_paths = load_plugins(model.plugins, path.parent if path is not None else None, where)
     entries = [_parse_entry(item, i, where) for i, item in enumerate(model.impls)]
+    names = {e.label for e in entries} | {e.name for e in entries}
+    for i, pair in enumerate(model.pairs):
+        for name in pair:
+            if name not in names:
+                raise SuiteError(f"{name!r} is not an implementation of this suite (have: {', '.join(sorted(names))})",
+                                 where, f"pairs[{i}]")
     shapes = shapes_of(model)
     for i, res in enumerate(model.resolution or []):
         if res % model.patch:

@@ -123,3 +123,12 @@ def test_bad_shapes(data, key, text):
     with pytest.raises(attnbench.SuiteError) as e:
         parse_suite(data)
     assert key in str(e.value) and text in str(e.value), str(e.value)
+
+
+def test_pairs_name_implementations_of_the_suite():
+    s = parse_suite(bad(pairs=[["mha.sdpa", "sra.conv(sr_ratio=2)"]]))
+    assert s.model.pairs == [["mha.sdpa", "sra.conv(sr_ratio=2)"]]
+    with pytest.raises(attnbench.SuiteError, match="pairs\\[0\\].*'mha.math' is not an implementation"):
+        parse_suite(bad(pairs=[["mha.sdpa", "mha.math"]]))
+    with pytest.raises(attnbench.SuiteError, match="pairs\\[0\\]"):
+        parse_suite(bad(pairs=[["mha.sdpa"]]))
