@@ -194,3 +194,14 @@ def test_gpu_train_mode_memory_and_time(tmp_path):
     for impl in ("mha.math", "mha.sdpa"):
         assert df.loc[(impl, "train"), "peak_mem_bytes"] > df.loc[(impl, "forward"), "peak_mem_bytes"]
         assert df.loc[(impl, "train"), "latency_ms_median"] > df.loc[(impl, "forward"), "latency_ms_median"]
+
+
+def test_train_mode_has_its_own_latency_and_memory(tmp_path):
+    res = run_suite(suite(["mha.math"], resolution=(128,), mode=["forward", "train"]), out=tmp_path / "r",
+                    progress=False)
+    by_mode = {r["mode"]: r for r in res.rows}
+    assert by_mode["forward"]["status"] == by_mode["train"]["status"] == "ok"
+    # backward keeps the (h, N, N) softmax for the gradient and does two matmuls per forward matmul
+    assert by_mode["train"]["latency_ms_median"] > 1.5 * by_mode["forward"]["latency_ms_median"]
+    if by_mode["train"]["peak_mem_method"] == "rss_hwm_delta":
+        assert by_mode["train"]["peak_mem_bytes"] > by_mode["forward"]["peak_mem_bytes"]
