@@ -72,6 +72,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     failed = df[df["status"].isin(["error"])]
     if len(failed):
         print(f"attnbench: {len(failed)} cell(s) raised; see {result.run_dir / 'errors.log'}", file=sys.stderr)
+    try:  # the rows are safe on disk; a plotting failure only warns
+        from .analysis.plots import plot_run
+
+        plots = plot_run(result.run_dir)
+        print(f"plots: {len(plots)} PNG(s) in {result.run_dir / 'plots'} "
+              f"(`attnbench report {result.run_dir}` writes the report)")
+    except Exception as exc:  # noqa: BLE001
+        print(f"attnbench: warning: plotting failed ({type(exc).__name__}: {exc}); the run is complete, "
+              f"retry with `attnbench plot {result.run_dir}`", file=sys.stderr)
     return EXIT_OK
 
 

@@ -1,0 +1,915 @@
+"""Plots of a run folder, from its rows alone (matplotlib, Agg; no torch).
+
+:func:`plot_run` writes PNGs into ``RUN_DIR/plots/`` (the folder is owned by it: PNGs left there by an
+earlier call are replaced), one set per (dtype, mode) of the run, named ``<kind>-<dtype>-<mode>.png``:
+
+- ``latency``, ``memory``, ``flops``, ``throughput``: against tokens, log-log, one line per series
+  (label x batch x dim x heads). Cells that did not finish ``ok`` are marked, not dropped:
+  ``over_budget`` and ``oom`` cells after a measured one at the position the runner's own rule predicts
+  (last measured latency scaled by the FLOP ratio), joined by a dotted line; other failed cells, and
+  all failed cells on the memory plot, on a strip at the top of the axes at their token count. FLOPs
+  are counted for every cell, so the FLOPs curves are complete (failed cells hollow). Noisy cells
+  (IQR > 10% of the median) are drawn hollow; latency error bars span p10..p90.
+- ``exponents``: the fitted growth exponent k (cost ~ N^k over the large-token part, see
+  :mod:`attnbench.analysis.fit`) of latency, peak memory and FLOPs per series, +-1 standard error,
+  next to the theoretical exponent of the implementation's family.
+- ``speedup``: baseline latency / candidate latency across resolutions for the default pairs
+  (:data:`DEFAULT_PAIRS`) and the suite's ``pairs``, where both are in the run.
+- ``roofline``: achieved TFLOP/s against arithmetic intensity, under the device's measured matmul
+  peak and copy bandwidth (``env.json`` ``peaks``); only where the run has them. Arithmetic intensity
+  is a stated convention, not a hardware count: FLOPs / (dtype bytes x (parameters + 2 x batch x
+  tokens x dim)), i.e. weights, input and output each moved once (a lower bound on traffic, so an
+  upper bound on intensity).
+
+Runs over named ``shapes`` (e.g. the four Swin stages, whose dims differ) are not resolution sweeps:
+their latency/memory/FLOPs/throughput and speed-ups are grouped bar charts per stage, and they get no
+exponent plot.
+
+Every implementation label keeps one colour in every plot of a run (:func:`label_styles`): a hue per
+registered implementation, lighter to darker (and another marker) across its parameter variants.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import fnmatch
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
+
+from .. import store  # noqa: E402
+from ..errors import RunDirError  # noqa: E402
+from .fit import Fit, fit_exponent, theoretical_exponent  # noqa: E402
+
+PLOTS_DIR = "plots"
+DPI = 100
+FAILED = ("oom", "over_budget", "unsupported", "error", "timeout", "crashed")
+PREDICTABLE = ("oom", "over_budget")  # failed for size: their latency is predicted like the runner does
+# status -> (marker, legend text)
+STATUS_MARKERS: dict[str, tuple[str, str]] = {
+    "over_budget": ("X", "over budget"),
+    "oom": ("D", "oom"),
+    "error": ("*", "error"),
+    "timeout": ("*", "timeout"),
+    "crashed": ("*", "crashed"),
+    "unsupported": ("P", "unsupported"),
+}
+SERIES_MARKERS = ["o", "s", "^", "v", "<", ">", "p", "h", "8", "d"]
+HUES = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+        "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
+DEFAULT_PAIRS: list[tuple[str, str]] = [("swin.shift_cyclic", "swin.shift_pad"), ("local.shift_dwconv", "local.im2col"),
+                                        ("mha.sdpa", "mha.math")]
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+AI_LABEL = ("arithmetic intensity (FLOP/byte)\nbytes = dtype size x (parameters + 2 x batch x tokens x dim): "
+            "weights, input and output moved once")
+
+
+@dataclass(frozen=True)
+class Metric:
+    column: str
+    axis: str  # axis label with units
+    title: str
+    scale: float = 1.0
+    fit: bool = True  # fit and show the growth exponent
+    complete: bool = False  # counted for every cell, failed ones too (FLOPs)
+
+
+METRICS: dict[str, Metric] = {
+    "latency": Metric("latency_ms_median", "latency, median of timed calls (ms)", "latency"),
+    "memory": Metric("peak_mem_bytes", "peak memory of one call (MiB)", "peak memory", 2.0 ** 20),
+    "flops": Metric("flops_analytic", "FLOPs, analytic, forward, 2 per MAC (GFLOP)", "FLOPs", 1e9, complete=True),
+    "throughput": Metric("throughput_img_s", "throughput (images/s)", "throughput", fit=False),
+}
+
+
+@dataclass(frozen=True)
+class Style:
+    color: str
+    marker: str
+
+
+@dataclass
+class Run:
+    """A run folder read for analysis."""
+
+    path: Path
+    df: pd.DataFrame
+    env: dict[str, Any]
+    suite: dict[str, Any]
+    styles: dict[str, Style] = field(default_factory=dict)
+
+    @property
+    def by_shape(self) -> bool:
+        return bool(len(self.df)) and self.df["shape"].fillna("").astype(str).astype(bool).all()
+
+    @property
+    def name(self) -> str:
+        return str(self.suite.get("name") or self.path.name)
+
+    def groups(self) -> list[tuple[str, str, pd.DataFrame]]:
+        """(dtype, mode, rows) in the order they appear in the run."""
+        keys = list(dict.fromkeys(zip(self.df["dtype"].astype(str), self.df["mode"].astype(str))))
+        return [(d, m, self.df[(self.df["dtype"].astype(str) == d) & (self.df["mode"].astype(str) == m)])
+                for d, m in keys]
+
+
+_NUMERIC = ["tokens", "resolution", "batch", "dim", "heads", "params_count", "flops_analytic", "flops_torch",
+            "flops_torch_fwd_bwd", "macs_fvcore", "peak_mem_bytes", "latency_ms_median", "latency_ms_iqr",
+            "latency_ms_p10", "latency_ms_p90", "throughput_img_s", "throughput_tok_s", "tflops_achieved",
+            "peak_fraction", "patch"]
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run folder (rows, env.json, suite.yaml); :class:`RunDirError` if it is not one or has no rows."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunDirError(f"{path} is not a run folder (no such folder)")
+    df = store.load_results(path)
+    if df.empty:
+        raise RunDirError(f"{path} is a run folder without rows (nothing measured yet)")
+    df = df.copy()
+    for col in _NUMERIC + ["grid_h", "grid_w"]:
+        if col not in df.columns:
+            df[col] = math.nan
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["tokens"] = df["tokens"].fillna(df["grid_h"] * df["grid_w"])  # older rows
+    if "params" not in df.columns:
+        df["params"] = [{} for _ in range(len(df))]
+    df["params"] = [p if isinstance(p, dict) else {} for p in df["params"]]
+    df["status"] = df["status"].fillna("").astype(str)
+    df["message"] = df["message"].fillna("").astype(str)
+    df["shape"] = df["shape"].fillna("").astype(str)
+    df["label"] = [lab if isinstance(lab, str) and lab else str(imp) for lab, imp in zip(df["label"], df["impl"])]
+    df["noisy"] = [v is True or v == 1 for v in df["noisy"]]
+    for col in ("dtype", "mode"):
+        df[col] = df[col].fillna("?").astype(str)
+    env = store.read_env(path)
+    suite: dict[str, Any] = {}
+    if (path / "suite.yaml").is_file():
+        try:
+            loaded = yaml.safe_load((path / "suite.yaml").read_text())
+            suite = loaded if isinstance(loaded, dict) else {}
+        except yaml.YAMLError:
+            suite = {}
+    run = Run(path=path, df=df, env=env, suite=suite)
+    run.styles = label_styles(df)
+    return run
+
+
+# --------------------------------------------------------------------------------------------- colours
+
+
+def _param_key(params: dict[str, Any]) -> tuple:
+    out = []
+    for k in sorted(params):
+        v = params[k]
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        out.append((k, (0, float(v), "") if numeric else (1, 0.0, str(v))))
+    return tuple(out)
+
+
+def _shade(color: str, amount: float) -> str:
+    """amount < 0 lightens, > 0 darkens (in HLS lightness)."""
+    r, g, b = mcolors.to_rgb(color)
+    h, lum, s = colorsys.rgb_to_hls(r, g, b)
+    lum = lum + (1 - lum) * -amount if amount < 0 else lum * (1 - amount)
+    return mcolors.to_hex(colorsys.hls_to_rgb(h, min(max(lum, 0), 1), s))
+
+
+def label_styles(df: pd.DataFrame) -> dict[str, Style]:
+    """label -> colour and marker, fixed for the whole run: a hue per implementation (in the order the run
+    has them, i.e. the suite's), its parameter variants from lighter to darker with different markers."""
+    variants: dict[str, dict[str, tuple]] = {}
+    for impl, label, params in zip(df["impl"].astype(str), df["label"], df["params"]):
+        variants.setdefault(impl, {})[label] = _param_key(params if isinstance(params, dict) else {})
+    styles = {}
+    for i, impl in enumerate(variants):  # the run's order: the suite's order of implementations
+        hue = HUES[i % len(HUES)]
+        labels = sorted(variants[impl], key=lambda lab: (variants[impl][lab], lab))
+        m = len(labels)
+        for j, label in enumerate(labels):
+            amount = 0.0 if m == 1 else -0.35 + 0.75 * j / (m - 1)
+            styles[label] = Style(_shade(hue, amount), SERIES_MARKERS[j % len(SERIES_MARKERS)])
+    return styles
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def device_name(env: dict[str, Any], df: pd.DataFrame | None = None) -> str:
+    gpu = env.get("gpu")
+    if isinstance(gpu, dict) and gpu.get("name"):
+        return str(gpu["name"])
+    cpu = env.get("cpu") or {}
+    threads = None
+    if df is not None and "cpu_threads" in df and df["cpu_threads"].notna().any():
+        threads = int(pd.to_numeric(df["cpu_threads"], errors="coerce").dropna().mode().iloc[0])
+    threads = threads or (env.get("torch") or {}).get("num_threads")
+    dev = str(env.get("device") or (df["device"].iloc[0] if df is not None and len(df) else "cpu"))
+    if dev.startswith("cuda"):
+        return dev
+    return f"CPU {cpu.get('model') or ''}".strip() + (f", {threads} threads" if threads else "")
+
+
+def _constants(g: pd.DataFrame, by_shape: bool) -> str:
+    parts = []
+    cols = ("batch",) if by_shape else ("batch", "dim", "heads")
+    for col, word in zip(cols, ("batch", "dim", "heads")):
+        vals = g[col].dropna().unique()
+        if len(vals) == 1:
+            parts.append(f"{word} {int(vals[0])}")
+    return " · ".join(parts)
+
+
+def title_for(run: Run, what: str, dtype: str, mode: str, g: pd.DataFrame) -> str:
+    extra = _constants(g, run.by_shape)
+    return (f"{what} — {run.name}\n{device_name(run.env, run.df)} · {dtype} · {mode}"
+            + (f" · {extra}" if extra else ""))
+
+
+def _series_keys(g: pd.DataFrame, by_shape: bool = False) -> list[str]:
+    cols = ("batch",) if by_shape else ("batch", "dim", "heads")  # named shapes carry their own dim/heads
+    return [c for c in cols if g[c].nunique(dropna=True) > 1]
+
+
+def series_of(run: Run, g: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(series name, label, rows sorted by tokens) within one (dtype, mode) group, in colour order."""
+    varying = _series_keys(g, run.by_shape)
+    order = {lab: i for i, lab in enumerate(run.styles)}
+    out = []
+    keys = ["label"] + varying
+    for key, rows in g.groupby(keys, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        label = key[0]
+        name = label + "".join(f" {c[0]}{int(v)}" for c, v in zip(varying, key[1:]) if v == v)
+        out.append((name, label, rows.sort_values("tokens")))
+    out.sort(key=lambda t: (order.get(t[1], 1e9), t[0]))
+    return out
+
+
+def _value(rows: pd.DataFrame, metric: Metric) -> np.ndarray:
+    return rows[metric.column].to_numpy(dtype=float) / metric.scale
+
+
+def _ok(rows: pd.DataFrame) -> np.ndarray:
+    return (rows["status"] == "ok").to_numpy()
+
+
+def fit_series(rows: pd.DataFrame, metric: Metric) -> Fit | None:
+    """The growth exponent of one series for a metric: measured cells only, all cells for FLOPs."""
+    mask = np.ones(len(rows), bool) if metric.complete else _ok(rows)
+    return fit_exponent(rows["tokens"].to_numpy(dtype=float)[mask], _value(rows, metric)[mask])
+
+
+def _fit_text(fit: Fit | None, theory: float | None) -> str:
+    t = f" (theory {theory:g})" if theory is not None else ""
+    return f"{fit.text()}{t}" if fit else f"k n/a, <3 points{t}"
+
+
+def _predicted(rows: pd.DataFrame, metric: Metric) -> dict[int, float]:
+    """index -> predicted value for over_budget/oom cells after a measured one (latency and throughput):
+    the last measured latency scaled by the FLOP ratio, the runner's own budget rule."""
+    if metric.column not in ("latency_ms_median", "throughput_img_s"):
+        return {}
+    out = {}
+    last = None
+    for idx, r in rows.iterrows():
+        if r["status"] == "ok" and r["latency_ms_median"] > 0 and r["flops_analytic"] > 0:
+            last = r
+        elif r["status"] in PREDICTABLE and last is not None and r["flops_analytic"] > 0:
+            lat = last["latency_ms_median"] * r["flops_analytic"] / last["flops_analytic"]
+            out[idx] = lat if metric.column == "latency_ms_median" else r["batch"] / (lat / 1e3)
+    return out
+
+
+def _token_axis(ax, run: Run, tokens: np.ndarray) -> None:
+    """Log x axis with ticks at the measured token counts and, on top, the image side in px."""
+    ticks = np.unique(tokens[np.isfinite(tokens) & (tokens > 0)])
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens N = (image side / patch)²")
+    if 0 < len(ticks) <= 14:
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v / 1000:.3g}k" if v >= 10000 else f"{v:.0f}"))
+        lo, hi = ticks[0], ticks[-1]
+        pad = (hi / lo) ** 0.04 if hi > lo else 1.3
+        ax.set_xlim(lo / pad, hi * pad)
+    patches = run.df["patch"].dropna().unique()
+    if len(patches) == 1 and 0 < len(ticks) <= 14:
+        patch = float(patches[0])
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(ticks)
+        top.xaxis.set_minor_locator(NullLocator())
+        top.set_xticklabels([f"{math.sqrt(t) * patch:.0f}" for t in ticks])
+        top.set_xlabel(f"image side (px, patch {patch:.0f})")
+        top.tick_params(labelsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def _status_handles(statuses: set[str]) -> list[Line2D]:
+    handles = []
+    seen = set()
+    for status in STATUS_MARKERS:
+        if status in statuses:
+            marker, text = STATUS_MARKERS[status]
+            if text in seen:
+                continue
+            seen.add(text)
+            handles.append(Line2D([], [], linestyle="none", marker=marker, markersize=8, markerfacecolor="0.6",
+                                  markeredgecolor="black", label=text))
+    return handles
+
+
+def _legend(ax, handles: list, title: str | None = None) -> None:
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+              title=title, title_fontsize=8, borderaxespad=0.0)
+
+
+def _new_figure(width: float = 10.0, height: float = 5.6) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_subplot(1, 1, 1)
+    return fig, ax
+
+
+# --------------------------------------------------------------------------------------- sweep figures
+
+
+def metric_of(key: str, g: pd.DataFrame) -> Metric:
+    """The metric to plot; FLOPs in train mode are torch's forward + backward count where the run has it."""
+    metric = METRICS[key]
+    if key == "flops" and (g["mode"] == "train").all() and "flops_torch_fwd_bwd" in g \
+            and (g["flops_torch_fwd_bwd"] > 0).all():
+        return Metric("flops_torch_fwd_bwd", "FLOPs, torch count, forward + backward, 2 per MAC (GFLOP)",
+                      "FLOPs (forward + backward)", 1e9, complete=True)
+    return metric
+
+
+def metric_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]]:
+    """One metric against tokens (log-log) for one (dtype, mode) group.
+
+    Returns the figure and what it shows: ``series`` (name, label, fit, theory) and ``marked`` (one dict
+    per failed cell: label, tokens, status, value, placement ``predicted``, ``counted`` or ``strip``).
+    """
+    metric = metric_of(key, g)
+    fig, ax = _new_figure()
+    info: dict[str, Any] = {"metric": key, "series": [], "marked": []}
+    handles: list = []
+    statuses: set[str] = set()
+    strip: list[tuple[float, str, str, str]] = []  # (tokens, status, colour, series name)
+    strip_rows: dict[str, int] = {}
+    all_y: list[float] = []
+    noisy_seen = False
+    for name, label, rows in series_of(run, g):
+        st = run.styles.get(label, Style("black", "o"))
+        tokens = rows["tokens"].to_numpy(dtype=float)
+        y = _value(rows, metric)
+        ok = _ok(rows)
+        show = np.isfinite(y) & (y > 0) & (ok | metric.complete)
+        fit = fit_series(rows, metric) if metric.fit else None
+        impl = str(rows["impl"].iloc[0])
+        theory = theoretical_exponent(impl) if key in ("latency", "flops") else None  # not a memory law
+        info["series"].append({"name": name, "label": label, "impl": impl, "fit": fit, "theory": theory})
+        ax.plot(tokens, np.where(show, y, np.nan), color=st.color, linewidth=1.6, zorder=2)  # broken at failures
+        noisy = rows["noisy"].to_numpy(bool) & ok & (key in ("latency", "throughput"))
+        noisy_seen |= bool((noisy & show).any())
+        solid = show & ok & ~noisy
+        ax.plot(tokens[solid], y[solid], linestyle="none", marker=st.marker, color=st.color, markersize=6, zorder=3)
+        hollow = show & ok & noisy
+        ax.plot(tokens[hollow], y[hollow], linestyle="none", marker=st.marker, markerfacecolor="white",
+                markeredgecolor=st.color, markersize=6, zorder=3)
+        if key == "latency":
+            lo, hi = rows["latency_ms_p10"].to_numpy(dtype=float), rows["latency_ms_p90"].to_numpy(dtype=float)
+            eb = show & ok & np.isfinite(lo) & np.isfinite(hi)
+            if eb.any():
+                yerr = [np.clip(y[eb] - lo[eb], 0, None), np.clip(hi[eb] - y[eb], 0, None)]
+                ax.errorbar(tokens[eb], y[eb], yerr=yerr,
+                            fmt="none", ecolor=st.color, alpha=0.5, linewidth=1, zorder=2)
+        all_y += list(y[show])
+        # failed cells
+        predicted = _predicted(rows, metric)
+        pred_x, pred_y = [], []
+        last_ok = None
+        for (idx, r), t, v, is_ok in zip(rows.iterrows(), tokens, y, ok):
+            if is_ok and v == v and v > 0:
+                last_ok = (t, v)
+                continue
+            status = r["status"]
+            if status not in FAILED:
+                continue
+            statuses.add(status)
+            marker = STATUS_MARKERS[status][0]
+            if metric.complete and v == v and v > 0:
+                ax.plot([t], [v], linestyle="none", marker=marker, markersize=8, markerfacecolor="white",
+                        markeredgecolor=st.color, markeredgewidth=1.5, zorder=4)
+                info["marked"].append({"label": label, "series": name, "tokens": t, "status": status, "value": v,
+                                       "placement": "counted"})
+            elif idx in predicted:
+                pv = predicted[idx]
+                pred_x.append(t)
+                pred_y.append(pv)
+                ax.plot([t], [pv], linestyle="none", marker=marker, markersize=8, markerfacecolor=st.color,
+                        markeredgecolor="black", markeredgewidth=0.8, alpha=0.85, zorder=4)
+                info["marked"].append({"label": label, "series": name, "tokens": t, "status": status, "value": pv,
+                                       "placement": "predicted"})
+                all_y.append(pv)
+            else:
+                strip.append((t, status, st.color, name))
+                strip_rows.setdefault(name, len(strip_rows))
+                info["marked"].append({"label": label, "series": name, "tokens": t, "status": status,
+                                       "value": math.nan, "placement": "strip"})
+        if pred_x and last_ok is not None:
+            ax.plot([last_ok[0]] + pred_x, [last_ok[1]] + pred_y, color=st.color, linestyle=":", linewidth=1.2,
+                    zorder=1)
+        handles.append(Line2D([], [], color=st.color, marker=st.marker, linewidth=1.6, markersize=6,
+                              label=name + (f"   {_fit_text(fit, theory)}" if metric.fit else "")))
+    ax.set_yscale("log")
+    ax.set_ylabel(metric.axis)
+    _token_axis(ax, run, g["tokens"].to_numpy(dtype=float))
+    finite = [v for v in all_y if v == v and v > 0]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        span = max(math.log10(hi / lo), 0.5)
+        head = 0.06 + (0.035 * min(len(strip_rows), 7) + 0.04 if strip else 0.0)  # room for the strip
+        ax.set_ylim(lo / 10 ** (0.06 * span), hi * 10 ** (span * head / (1 - head) + 0.04 * span))
+    if strip:
+        trans = ax.get_xaxis_transform()  # x in data, y in axes fraction
+        n = len(strip_rows)
+        for t, status, color, name in strip:
+            yfrac = 0.975 - 0.035 * strip_rows[name] if n <= 6 else 0.975 - 0.21 * strip_rows[name] / max(n - 1, 1)
+            ax.plot([t], [yfrac], transform=trans, linestyle="none", marker=STATUS_MARKERS[status][0], markersize=7,
+                    markerfacecolor=color, markeredgecolor="black", markeredgewidth=0.7, zorder=5, clip_on=False)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    extra = []
+    if noisy_seen:
+        extra.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="0.3",
+                            label="noisy (IQR > 10% of median)"))
+    if key == "latency":
+        extra.append(Line2D([], [], color="0.3", linewidth=1, label="bars: p10..p90 of timed calls"))
+    if any(m["placement"] == "predicted" for m in info["marked"]):
+        extra.append(Line2D([], [], color="0.3", linestyle=":", label="predicted from FLOPs (not measured)"))
+    if any(m["placement"] == "counted" for m in info["marked"]):
+        extra.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="0.3",
+                            markeredgewidth=1.5, label="counted, not measured (hollow status marker)"))
+    if strip:
+        extra.append(Line2D([], [], linestyle="none", label="markers along the top: failed, no value\n"
+                                                             "(one row per series, at its token count)"))
+    legend_title = "k: cost ~ N^k over the large-token part, ±1 s.e." if metric.fit else None
+    _legend(ax, handles + extra + _status_handles(statuses), legend_title)
+    ax.set_title(title_for(run, f"{metric.title} vs tokens", dtype, mode, g), fontsize=10, pad=10)
+    return fig, info
+
+
+def exponent_rows(run: Run, g: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per series of a (dtype, mode) group: fitted k for latency, memory, FLOPs, and the theory."""
+    out = []
+    for name, label, rows in series_of(run, g):
+        impl = str(rows["impl"].iloc[0])
+        out.append({"series": name, "label": label, "impl": impl,
+                    "latency": fit_series(rows, METRICS["latency"]), "memory": fit_series(rows, METRICS["memory"]),
+                    "flops": fit_series(rows, metric_of("flops", g)), "theory": theoretical_exponent(impl),
+                    "ok_points": int(_ok(rows).sum())})
+    return out
+
+
+def exponent_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]]:
+    rows = exponent_rows(run, g)
+    n = len(rows)
+    fig, ax = _new_figure(10.0, max(3.0, 1.4 + 0.42 * n))
+    ys = np.arange(n)[::-1]
+    kinds = [("latency", "o", 0.18, "latency"), ("memory", "^", 0.0, "peak memory"), ("flops", "s", -0.18, "FLOPs")]
+    xs = [0.0, 2.2]
+    for y, r in zip(ys, rows):
+        color = run.styles.get(r["label"], Style("black", "o")).color
+        for kind, marker, dy, _text in kinds:
+            f: Fit | None = r[kind]
+            if f is None:
+                continue
+            face = color if kind == "latency" else "white"
+            ax.errorbar([f.k], [y + dy], xerr=[[f.stderr]] if f.stderr == f.stderr else None, fmt=marker,
+                        color=color, markerfacecolor=face, markeredgecolor=color, markersize=7, capsize=3,
+                        linewidth=1.2)
+            xs += [f.k - (f.stderr if f.stderr == f.stderr else 0), f.k + (f.stderr if f.stderr == f.stderr else 0)]
+        if r["theory"] is not None:
+            ax.plot([r["theory"]], [y], marker="|", markersize=22, markeredgewidth=2.5, color="black", zorder=5)
+        lat = r["latency"]
+        note = (f"latency: {lat.text()} over N {lat.n_min:.0f}..{lat.n_max:.0f} ({lat.n_points} pts)" if lat
+                else f"latency: no fit ({r['ok_points']} measured)")
+        ax.annotate(note, xy=(1.01, y), xycoords=("axes fraction", "data"), fontsize=7.5, va="center",
+                    color="0.25")
+    for ref in (1, 2):
+        ax.axvline(ref, color="0.6", linestyle="--", linewidth=0.8, zorder=0)
+    finite = [v for v in xs if v == v and abs(v) < 10]
+    ax.set_xlim(min(finite) - 0.15, max(finite) + 0.15)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([r["series"] for r in rows], fontsize=8.5)
+    ax.set_ylabel("series (implementation and parameters)")
+    for tick, r in zip(ax.get_yticklabels(), rows):
+        tick.set_color(run.styles.get(r["label"], Style("black", "o")).color)
+    ax.set_xlabel("growth exponent k  (cost ~ N^k, least squares in log-log over the large-token part; bars ±1 s.e.)")
+    ax.grid(True, axis="x", alpha=0.3)
+    handles = [Line2D([], [], linestyle="none", marker=m, color="0.3",
+                      markerfacecolor="0.3" if kind == "latency" else "white", label=text)
+               for kind, m, _dy, text in kinds]
+    handles.append(Line2D([], [], linestyle="none", marker="|", markersize=14, markeredgewidth=2.5, color="black",
+                          label="theory (family)"))
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4,
+              fontsize=8, frameon=False)
+    ax.set_title(title_for(run, "fitted growth exponents", dtype, mode, g), fontsize=10, pad=26)
+    return fig, {"rows": rows}
+
+
+# ------------------------------------------------------------------------------------------- pairs
+
+
+def pairs_of(run: Run) -> list[tuple[str, str]]:
+    """Default pairs, then the suite's ``pairs``: (candidate, baseline) names (labels or impl names)."""
+    out = list(DEFAULT_PAIRS)
+    for p in run.suite.get("pairs") or []:
+        if isinstance(p, (list, tuple)) and len(p) == 2:
+            t = (str(p[0]), str(p[1]))
+            if t not in out:
+                out.append(t)
+    return out
+
+
+def _pick(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    exact = df[df["label"] == name]
+    return exact if len(exact) else df[df["impl"] == name]
+
+
+def speedups(run: Run, g: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Speed-up = baseline latency / candidate latency, cell by cell, for every pair present in the run.
+
+    Cells match on resolution (or shape), dtype, mode, batch, dim and heads, and on the implementation
+    parameters when both implementations take the same ones (``local.im2col(kernel=3)`` pairs with
+    ``local.shift_dwconv(kernel=3)``); implementations with different parameter sets pair variant by
+    variant. Only cells measured ``ok`` on both sides give a speed-up. Columns: pair, candidate,
+    baseline, dtype, mode, batch, dim, heads, resolution, shape, tokens, speedup, latency_candidate_ms,
+    latency_baseline_ms.
+    """
+    df = run.df if g is None else g
+    keys = ["dtype", "mode", "batch", "dim", "heads", "resolution", "shape", "tokens"]
+    frames = []
+    for cand, base in pairs_of(run):
+        c_all, b_all = _pick(df, cand), _pick(df, base)
+        if c_all.empty or b_all.empty:
+            continue
+        for cl, c in c_all.groupby("label", sort=False):
+            pc = c["params"].iloc[0]
+            for bl, b in b_all.groupby("label", sort=False):
+                if cl == bl:
+                    continue
+                pb = b["params"].iloc[0]
+                if set(pc) == set(pb) and pc != pb:
+                    continue
+                ci, bi = str(c["impl"].iloc[0]), str(b["impl"].iloc[0])
+                if pc == pb:
+                    name = f"{ci} over {bi}" + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(pc.items())) + ")"
+                                                if pc else "")
+                else:
+                    name = f"{cl} over {bl}"
+                m = pd.merge(c[c["status"] == "ok"][keys + ["latency_ms_median"]],
+                             b[b["status"] == "ok"][keys + ["latency_ms_median"]], on=keys,
+                             suffixes=("_candidate", "_baseline"))
+                if m.empty:
+                    continue
+                m = m.rename(columns={"latency_ms_median_candidate": "latency_candidate_ms",
+                                      "latency_ms_median_baseline": "latency_baseline_ms"})
+                m["speedup"] = m["latency_baseline_ms"] / m["latency_candidate_ms"]
+                m.insert(0, "baseline", bl)
+                m.insert(0, "candidate", cl)
+                m.insert(0, "pair", name)
+                frames.append(m)
+    if not frames:
+        return pd.DataFrame(columns=["pair", "candidate", "baseline"] + keys + ["latency_candidate_ms",
+                                                                              "latency_baseline_ms", "speedup"])
+    out = pd.concat(frames, ignore_index=True)
+    return out.drop_duplicates(subset=["pair"] + keys).sort_values(["pair", "tokens"], kind="stable")
+
+
+def speedup_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]] | None:
+    sp = speedups(run, g)
+    if sp.empty:
+        return None
+    if run.by_shape:
+        return _speedup_bars(run, g, sp, dtype, mode)
+    fig, ax = _new_figure()
+    handles = []
+    varying = _series_keys(g, run.by_shape)
+    styles = ["-", "--", "-.", ":"]
+    for i, (key, s) in enumerate(sp.groupby(["pair"] + varying, sort=False)):
+        key = key if isinstance(key, tuple) else (key,)
+        name = key[0] + "".join(f" {c[0]}{int(v)}" for c, v in zip(varying, key[1:]))
+        st = run.styles.get(s["candidate"].iloc[0], Style("black", "o"))
+        ax.plot(s["tokens"], s["speedup"], color=st.color, marker=st.marker, linestyle=styles[i // 10 % 4],
+                linewidth=1.6, markersize=6)
+        last = s.iloc[-1]
+        ax.annotate(f"{last['speedup']:.2g}x", (last["tokens"], last["speedup"]), textcoords="offset points",
+                    xytext=(6, 0), fontsize=7.5, color=st.color, va="center")
+        handles.append(Line2D([], [], color=st.color, marker=st.marker, linestyle=styles[i // 10 % 4], label=name))
+    ax.axhline(1.0, color="black", linewidth=0.9)
+    ax.set_yscale("log")
+    lo, hi = float(sp["speedup"].min()), float(sp["speedup"].max())
+    lo, hi = min(lo, 0.8), max(hi, 1.25)
+    ax.set_ylim(lo / 1.25, hi * 1.25)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.3g}x"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: f"{v:.2g}x" if span_ok(lo, hi) else ""))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_ylabel("speed-up (baseline latency / candidate latency)\n> 1: the first-named is faster")
+    _token_axis(ax, run, g["tokens"].to_numpy(dtype=float))
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    _legend(ax, handles, "candidate over baseline")
+    ax.set_title(title_for(run, "speed-ups across resolutions", dtype, mode, g), fontsize=10, pad=10)
+    return fig, {"speedups": sp}
+
+
+def span_ok(lo: float, hi: float) -> bool:
+    """Label minor ticks of a log axis only when it spans less than a decade (else they crowd)."""
+    return hi / lo < 10
+
+
+# ------------------------------------------------------------------------------------ shape figures
+
+
+def _shape_order(run: Run, g: pd.DataFrame) -> list[str]:
+    names = [str(s.get("name", "")) for s in run.suite.get("shapes") or [] if isinstance(s, dict)]
+    present = list(dict.fromkeys(g["shape"]))
+    return [n for n in names if n in present] + [n for n in present if n not in names]
+
+
+def _shape_ticklabels(g: pd.DataFrame, shapes: list[str]) -> list[str]:
+    out = []
+    for s in shapes:
+        r = g[g["shape"] == s].iloc[0]
+        grid = f"{int(r['grid_h'])}x{int(r['grid_w'])}" if r.get("grid_h") == r.get("grid_h") else ""
+        out.append(f"{s}\n{grid} tokens\ndim {int(r['dim'])}, {int(r['heads'])} heads")
+    return out
+
+
+def bar_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]]:
+    """One metric per named shape (stage) as grouped bars; failed cells shown by their status."""
+    metric = metric_of(key, g)
+    timed = key in ("latency", "throughput")  # noisiness is a property of the timing
+    shapes = _shape_order(run, g)
+    series = series_of(run, g)
+    fig, ax = _new_figure(10.0, 5.2)
+    width = 0.8 / max(len(series), 1)
+    info: dict[str, Any] = {"metric": key, "series": [], "marked": []}
+    handles = []
+    top = 0.0
+    bars = []
+    for j, (name, label, rows) in enumerate(series):
+        st = run.styles.get(label, Style("black", "o"))
+        info["series"].append({"name": name, "label": label})
+        for i, s in enumerate(shapes):
+            r = rows[rows["shape"] == s]
+            if r.empty:
+                continue
+            r = r.iloc[0]
+            x = i - 0.4 + width * (j + 0.5)
+            v = float(r[metric.column]) / metric.scale if r[metric.column] == r[metric.column] else math.nan
+            if r["status"] == "ok" or (metric.complete and v == v):
+                if v == v:
+                    hatch = "//" if r["status"] != "ok" else None
+                    ax.bar(x, v, width * 0.92, color=st.color if r["status"] == "ok" else "white",
+                           edgecolor=st.color, hatch=hatch, linewidth=1.2)
+                    bars.append((x, v, r))
+                    top = max(top, v)
+                if r["status"] != "ok":
+                    info["marked"].append({"label": label, "series": name, "shape": s, "status": r["status"],
+                                           "value": v, "placement": "counted"})
+            else:
+                bars.append((x, math.nan, r))
+                info["marked"].append({"label": label, "series": name, "shape": s, "status": r["status"],
+                                       "value": math.nan, "placement": "strip"})
+        handles.append(mcolors_patch(st.color, name))
+    for x, v, r in bars:
+        if v == v:
+            ax.annotate(f"{v:.3g}" + ("~" if timed and r["noisy"] and r["status"] == "ok" else ""), (x, v),
+                        textcoords="offset points", xytext=(0, 2), ha="center", va="bottom", fontsize=7, rotation=90
+                        if len(series) > 4 else 0)
+        else:
+            word = {"oom": "OOM", "over_budget": "budget", "unsupported": "n/a"}.get(r["status"], r["status"])
+            ax.text(x, top * 0.02, word, rotation=90, ha="center", va="bottom", fontsize=8, color="black")
+    ax.set_xticks(range(len(shapes)))
+    ax.set_xticklabels(_shape_ticklabels(g, shapes), fontsize=8)
+    ax.set_ylabel(metric.axis)
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+    ax.grid(True, axis="y", alpha=0.3)
+    extra = []
+    if timed and g["noisy"].any():
+        extra.append(Line2D([], [], linestyle="none", label="~ noisy: IQR > 10% of the median"))
+    if any(m["placement"] == "counted" for m in info["marked"]):
+        extra.append(mcolors_patch("white", "counted, not measured", hatch="//", edge="0.3"))
+    _legend(ax, handles + extra)
+    ax.set_title(title_for(run, f"{metric.title} by stage", dtype, mode, g), fontsize=10)
+    return fig, info
+
+
+def mcolors_patch(color: str, label: str, hatch: str | None = None, edge: str | None = None):
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor=color, edgecolor=edge or color, hatch=hatch, label=label)
+
+
+def _speedup_bars(run: Run, g: pd.DataFrame, sp: pd.DataFrame, dtype: str, mode: str):
+    shapes = _shape_order(run, g)
+    pairs = list(dict.fromkeys(sp["pair"]))
+    fig, ax = _new_figure(10.0, 5.0)
+    width = 0.8 / len(pairs)
+    handles = []
+    top = 1.0
+    for j, pair in enumerate(pairs):
+        s = sp[sp["pair"] == pair]
+        st = run.styles.get(s["candidate"].iloc[0], Style("black", "o"))
+        for i, shape in enumerate(shapes):
+            r = s[s["shape"] == shape]
+            if r.empty:
+                continue
+            v = float(r["speedup"].iloc[0])
+            x = i - 0.4 + width * (j + 0.5)
+            ax.bar(x, v, width * 0.92, color=st.color)
+            ax.annotate(f"{v:.2f}x", (x, v), textcoords="offset points", xytext=(0, 2), ha="center", va="bottom",
+                        fontsize=8)
+            top = max(top, v)
+        handles.append(mcolors_patch(st.color, pair))
+    ax.axhline(1.0, color="black", linewidth=0.9)
+    ax.set_xticks(range(len(shapes)))
+    ax.set_xticklabels(_shape_ticklabels(g, shapes), fontsize=8)
+    ax.set_ylim(0, top * 1.15)
+    ax.set_ylabel("speed-up (baseline latency / candidate latency)\n> 1: the first-named is faster")
+    ax.grid(True, axis="y", alpha=0.3)
+    _legend(ax, handles, "candidate over baseline")
+    ax.set_title(title_for(run, "speed-ups by stage", dtype, mode, g), fontsize=10)
+    return fig, {"speedups": sp}
+
+
+# ---------------------------------------------------------------------------------------- roofline
+
+
+def roofline_points(run: Run, g: pd.DataFrame) -> pd.DataFrame:
+    """Measured cells with their arithmetic intensity (FLOP/byte, see module doc) and achieved TFLOP/s."""
+    d = g[g["status"] == "ok"].copy()
+    if d.empty:
+        return d.assign(flops=[], bytes=[], ai=[], tflops=[])
+    flops = d["flops_torch"].copy()
+    if "flops_torch_fwd_bwd" in d:
+        train = d["mode"] == "train"
+        flops[train] = d.loc[train, "flops_torch_fwd_bwd"]
+    flops = flops.where(flops > 0, d["flops_analytic"])
+    nbytes = d["dtype"].map(DTYPE_BYTES).fillna(4) * (d["params_count"].fillna(0)
+                                                       + 2 * d["batch"] * d["tokens"] * d["dim"])
+    tflops = d["tflops_achieved"].where(d["tflops_achieved"] > 0, flops / (d["latency_ms_median"] / 1e3) / 1e12)
+    d["flops"], d["bytes"], d["ai"], d["tflops"] = flops, nbytes, flops / nbytes, tflops
+    return d[np.isfinite(d["ai"]) & np.isfinite(d["tflops"]) & (d["ai"] > 0) & (d["tflops"] > 0)]
+
+
+def device_peaks(env: dict[str, Any], dtype: str) -> tuple[float | None, float | None]:
+    """(matmul TFLOP/s of the dtype, copy GB/s) measured for the run, or None where absent."""
+    peaks = env.get("peaks") or {}
+    if not isinstance(peaks, dict):
+        return None, None
+    mm = (peaks.get("matmul_tflops") or {}).get(dtype)
+    bw = peaks.get("copy_gb_s")
+    mm = float(mm) if isinstance(mm, (int, float)) and mm > 0 else None
+    bw = float(bw) if isinstance(bw, (int, float)) and bw > 0 else None
+    return mm, bw
+
+
+def roofline_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]] | None:
+    peak, bw = device_peaks(run.env, dtype)
+    pts = roofline_points(run, g)
+    if peak is None or pts.empty:
+        return None
+    fig, ax = _new_figure()
+    handles = []
+    for name, label, rows in series_of(run, pts):
+        st = run.styles.get(label, Style("black", "o"))
+        ax.plot(rows["ai"], rows["tflops"], color=st.color, marker=st.marker, linewidth=1.0, markersize=6,
+                alpha=0.9)
+        if run.by_shape:
+            for _, r in rows.iterrows():
+                ax.annotate(r["shape"], (r["ai"], r["tflops"]), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                            color=st.color)
+        handles.append(Line2D([], [], color=st.color, marker=st.marker, label=name))
+    ai_lo, ai_hi = float(pts["ai"].min()), float(pts["ai"].max())
+    ridge = peak * 1e12 / (bw * 1e9) if bw else None
+    x_lo = min(ai_lo / 3, ridge / 30) if ridge else ai_lo / 3
+    x_hi = max(ai_hi, ridge or ai_hi) * 3
+    xs = np.logspace(math.log10(x_lo), math.log10(x_hi), 200)
+    roof = np.minimum(peak, xs * bw * 1e9 / 1e12) if bw else np.full_like(xs, peak)
+    ax.plot(xs, roof, color="black", linewidth=2)
+    # labels above the ceiling, where no measurement can be
+    peak_text = f"matmul peak {peak:.3g} TFLOP/s ({dtype}, measured)"
+    if ridge and math.log10(x_hi / ridge) < 0.4 * math.log10(x_hi / x_lo):  # little room right of the ridge
+        ax.annotate(peak_text, (ridge / 1.15, peak), textcoords="offset points", xytext=(0, 4), ha="right",
+                    va="bottom", fontsize=8)
+    else:
+        ax.annotate(peak_text, ((ridge or x_lo) * 1.15, peak), textcoords="offset points", xytext=(0, 4), ha="left",
+                    va="bottom", fontsize=8)
+    if bw:
+        ax.axvline(ridge, color="0.6", linestyle=":", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(x_lo, x_hi)
+    y_lo = min(float(pts["tflops"].min()), float(roof.min())) / 2
+    ax.set_ylim(y_lo, peak * 2.5)
+    if bw:  # along the sloped part of the ceiling, above it (where no measurement can be)
+        xb = math.sqrt(x_lo * ridge)
+        p1, p2 = ax.transData.transform([(xb, xb * bw / 1e3), (xb * 2, xb * 2 * bw / 1e3)])
+        angle = math.degrees(math.atan2(p2[1] - p1[1], p2[0] - p1[0]))
+        ax.annotate(f"copy bandwidth {bw:.3g} GB/s (measured)", (xb, xb * bw / 1e3), textcoords="offset points",
+                    xytext=(0, 4), ha="center", va="bottom", fontsize=8, rotation=angle, rotation_mode="anchor")
+    ax.set_xlabel(AI_LABEL, fontsize=9)
+    ax.set_ylabel("achieved TFLOP/s (torch FLOP count / median latency)")
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    handles.append(Line2D([], [], color="black", linewidth=2, label="ceiling: min(peak, AI x bandwidth)"))
+    _legend(ax, handles, None if run.by_shape else "points: resolutions, increasing N to the right")
+    ax.set_title(title_for(run, "roofline", dtype, mode, g), fontsize=10)
+    return fig, {"points": pts, "peak_tflops": peak, "copy_gb_s": bw}
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def build_figures(run: Run) -> list[tuple[str, Figure, dict[str, Any]]]:
+    """Every figure of a run as (file name, figure, what it shows), without writing anything."""
+    out = []
+    for dtype, mode, g in run.groups():
+        suffix = f"{dtype}-{mode}"
+        for key in METRICS:
+            if run.by_shape:
+                fig, info = bar_figure(run, g, key, dtype, mode)
+            else:
+                fig, info = metric_figure(run, g, key, dtype, mode)
+            out.append((f"{key}-{suffix}.png", fig, info))
+        if not run.by_shape:
+            fig, info = exponent_figure(run, g, dtype, mode)
+            out.append((f"exponents-{suffix}.png", fig, info))
+        made = speedup_figure(run, g, dtype, mode)
+        if made:
+            out.append((f"speedup-{suffix}.png", *made))
+        made = roofline_figure(run, g, dtype, mode)
+        if made:
+            out.append((f"roofline-{suffix}.png", *made))
+    return out
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write every plot of a run folder into ``RUN_DIR/plots/`` and return their paths.
+
+    Raises :class:`attnbench.errors.RunDirError` when ``run_dir`` is not a run folder.
+    """
+    run = load_run(run_dir)
+    out_dir = run.path / PLOTS_DIR
+    out_dir.mkdir(exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        old.unlink()
+    paths = []
+    with matplotlib.rc_context({"font.size": 9, "axes.titlesize": 10, "savefig.facecolor": "white"}):
+        for name, fig, _info in build_figures(run):
+            path = out_dir / name
+            save_png(fig, path)
+            paths.append(path)
+    return paths
+
+
+def save_png(fig: Figure, path: Path) -> None:
+    """Save as PNG, quantized to a 256-colour palette (a third of the size, same look for line plots)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    try:
+        from PIL import Image
+
+        buf.seek(0)
+        with Image.open(buf) as im:
+            im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+    except (ImportError, AttributeError, OSError):
+        path.write_bytes(buf.getvalue())
+
+
+def match_impl(df: pd.DataFrame, pattern: str | None) -> pd.Series:
+    """Rows whose impl or label matches one of the comma-separated shell patterns."""
+    if not pattern:
+        return pd.Series(True, index=df.index)
+    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    return df["impl"].astype(str).map(lambda s: any(fnmatch.fnmatchcase(s, p) for p in pats)) | \
+        df["label"].astype(str).map(lambda s: any(fnmatch.fnmatchcase(s, p) for p in pats))

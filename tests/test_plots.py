@@ -1,0 +1,294 @@
+"""Plots from a stored results folder: no torch, failed cells marked, pairs matched, images valid."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from attnbench.analysis import plots
+from attnbench.cli import main
+from attnbench.errors import RunDirError
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RESOLUTIONS = [224, 320, 384, 448, 512, 640, 768, 896, 1024]
+
+# label, impl, family, params, k (latency ~ N^k), latency at 224 px (ms), first failing resolution and its status
+SERIES = [
+    ("mha.sdpa", "mha.sdpa", "mha", {}, 2.0, 30.0, None, None),
+    ("mha.math", "mha.math", "mha", {}, 2.0, 120.0, 512, "over_budget"),
+    ("swin.shift_pad(window=7)", "swin.shift_pad", "swin", {"window": 7}, 1.0, 4.0, None, None),
+    ("swin.shift_cyclic(window=7)", "swin.shift_cyclic", "swin", {"window": 7}, 1.0, 3.0, None, None),
+    ("local.im2col(kernel=3)", "local.im2col", "local", {"kernel": 3}, 1.0, 20.0, None, None),
+    ("local.shift_dwconv(kernel=3)", "local.shift_dwconv", "local", {"kernel": 3}, 1.0, 30.0, None, None),
+    ("local.im2col(kernel=5)", "local.im2col", "local", {"kernel": 5}, 1.0, 40.0, None, None),
+    ("toy.oom", "toy.oom", "toy", {}, 1.0, 1.0, 224, "oom"),
+    ("toy.fail", "toy.fail", "toy", {}, 1.0, 1.0, 448, "error"),
+]
+
+
+def _row(label, impl, family, params, res, *, patch=4, dim=96, heads=3, batch=1, dtype="float32", mode="forward",
+         shape="", status="ok", message="", latency=None, k=1.0, noisy=False):
+    g = res // patch
+    n = g * g
+    flops = 2e4 * n ** k
+    row = {"impl": impl, "label": label, "family": family, "resolution": res, "patch": patch, "shape": shape,
+           "tokens": n, "grid_h": g, "grid_w": g, "batch": batch, "dim": dim, "heads": heads, "dtype": dtype,
+           "mode": mode, "device": "cpu", "params": params, "status": status, "message": message,
+           "params_count": 4 * dim * dim, "flops_analytic": int(flops), "flops_torch": int(flops), "cpu_threads": 2}
+    if status == "ok":
+        row.update({"latency_ms_median": latency, "latency_ms_iqr": latency * (0.2 if noisy else 0.02),
+                    "latency_ms_p10": latency * 0.97, "latency_ms_p90": latency * 1.05, "noisy": noisy,
+                    "peak_mem_bytes": 1e4 * n ** k, "throughput_img_s": batch / (latency / 1e3),
+                    "throughput_tok_s": batch * n / (latency / 1e3)})
+    else:
+        row.update({"latency_ms_median": math.nan, "peak_mem_bytes": math.nan})
+    return row
+
+
+def make_run(root: Path, *, peaks: bool = True, seed: int = 0, pairs=None) -> Path:
+    """A synthetic run folder: known exponents, 3% noise, an over-budget series, an OOM one, an error cell."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, impl, family, params, k, lat0, fail_at, fail_status in SERIES:
+        failed = False
+        for res in RESOLUTIONS:
+            n = (res // 4) ** 2
+            lat = lat0 * (n / 3136) ** k * math.exp(rng.normal(0, 0.03))
+            if fail_at is not None and res >= fail_at and (fail_status != "error" or res == fail_at):
+                msg = {"over_budget": "predicted 9 s per call exceeds the cell budget of 20 s",
+                       "oom": "OutOfMemoryError: CUDA out of memory (toy)",
+                       "error": "RuntimeError: toy failure on a wide grid"}[fail_status]
+                if failed and fail_status == "over_budget":
+                    msg = f"skipped: resolution {fail_at} was over_budget"
+                rows.append(_row(label, impl, family, params, res, k=k, status=fail_status, message=msg))
+                failed = True
+            else:
+                rows.append(_row(label, impl, family, params, res, k=k, latency=lat, noisy=(res == 320)))
+    with open(root / "rows.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    env = {"device": "cpu", "gpu": None, "cpu": {"model": "Test CPU", "logical_cores": 2},
+           "torch": {"version": "2.15.0", "num_threads": 2}}
+    if peaks:
+        env["peaks"] = {"matmul_tflops": {"float32": 0.5}, "copy_gb_s": 20.0}
+    (root / "env.json").write_text(json.dumps(env))
+    suite = {"name": "synth", "resolution": RESOLUTIONS, "patch": 4,
+             "pairs": pairs if pairs is not None else [["swin.shift_cyclic(window=7)", "mha.sdpa"]]}
+    (root / "suite.yaml").write_text(yaml.safe_dump(suite))
+    return root
+
+
+def make_shape_run(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    stages = [("S1", 4, 96, 3), ("S2", 8, 192, 6), ("S3", 16, 384, 12), ("S4", 32, 768, 24)]
+    rows = []
+    for label, impl, lat in (("swin.window(window=7)", "swin.window", 100.0),
+                             ("swin.shift_pad(window=7)", "swin.shift_pad", 300.0),
+                             ("swin.shift_cyclic(window=7)", "swin.shift_cyclic", 150.0)):
+        for i, (name, patch, dim, heads) in enumerate(stages):
+            status = "oom" if (impl == "swin.shift_pad" and name == "S4") else "ok"
+            rows.append(_row(label, impl, "swin", {"window": 7}, 224, patch=patch, dim=dim, heads=heads, batch=64,
+                             shape=name, latency=lat / (i + 1), status=status,
+                             message="OutOfMemoryError" if status != "ok" else ""))
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "env.json").write_text(json.dumps({"device": "cpu", "gpu": None, "cpu": {"model": "Test CPU"},
+                                               "peaks": {"matmul_tflops": {"float32": 0.5}, "copy_gb_s": 20.0}}))
+    (root / "suite.yaml").write_text(yaml.safe_dump({"name": "stages", "shapes": [
+        {"name": n, "resolution": 224, "patch": p, "dim": d, "heads": h} for n, p, d, h in stages]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    run_dir = make_run(tmp_path_factory.mktemp("synth") / "run")
+    run = plots.load_run(run_dir)
+    figs = {name: (fig, info) for name, fig, info in plots.build_figures(run)}
+    return run_dir, run, figs
+
+
+def test_figures_of_a_sweep(synth):
+    _, _, figs = synth
+    assert set(figs) == {f"{k}-float32-forward.png" for k in
+                         ("latency", "memory", "flops", "throughput", "exponents", "speedup", "roofline")}
+    for name, (fig, _info) in figs.items():
+        ax = fig.axes[0]
+        assert ax.get_xlabel() and ax.get_ylabel(), name  # units on both axes
+        title = ax.get_title()
+        assert "Test CPU" in title and "float32" in title and "forward" in title, name
+
+
+def test_failed_cells_are_marked_not_dropped(synth):
+    _, _, figs = synth
+    marked = figs["latency-float32-forward.png"][1]["marked"]
+    by = {(m["label"], m["tokens"]): m for m in marked}
+    # over budget after measured cells: at the FLOP-predicted latency, for every resolution from 512 on
+    for res in (512, 640, 1024):
+        m = by[("mha.math", (res // 4) ** 2)]
+        assert m["status"] == "over_budget" and m["placement"] == "predicted" and m["value"] > 0
+    big = by[("mha.math", 256 ** 2)]["value"]
+    assert big > by[("mha.math", 128 ** 2)]["value"] * 10  # quadratic growth predicted from FLOPs
+    # oom everywhere (nothing to predict from) and an error: on the strip, still there
+    assert sum(1 for m in marked if m["label"] == "toy.oom" and m["status"] == "oom") == len(RESOLUTIONS)
+    assert by[("toy.fail", 112 ** 2)]["status"] == "error" and by[("toy.fail", 112 ** 2)]["placement"] == "strip"
+    # FLOPs are counted for failed cells: the FLOPs curve keeps them
+    fmarked = figs["flops-float32-forward.png"][1]["marked"]
+    assert {m["placement"] for m in fmarked} == {"counted"}
+    assert len(fmarked) == len(marked)
+    # the legend names the statuses
+    texts = {t.get_text() for t in figs["latency-float32-forward.png"][0].axes[0].get_legend().get_texts()}
+    assert {"over budget", "oom", "error"} <= texts
+
+
+def test_fits_in_the_legend(synth):
+    _, run, figs = synth
+    series = {s["label"]: s for s in figs["latency-float32-forward.png"][1]["series"]}
+    assert series["mha.sdpa"]["fit"].k == pytest.approx(2.0, abs=0.15)
+    assert series["swin.shift_cyclic(window=7)"]["fit"].k == pytest.approx(1.0, abs=0.15)
+    assert series["mha.sdpa"]["theory"] == 2 and series["toy.oom"]["theory"] is None
+    assert series["toy.oom"]["fit"] is None
+    texts = [t.get_text() for t in figs["latency-float32-forward.png"][0].axes[0].get_legend().get_texts()]
+    sdpa = [t for t in texts if t.startswith("mha.sdpa ")]
+    assert sdpa and series["mha.sdpa"]["fit"].text() in sdpa[0] and "theory 2" in sdpa[0]
+
+
+def test_colours_fixed_per_label(synth):
+    _, run, figs = synth
+    styles = run.styles
+    assert set(styles) == {s[0] for s in SERIES}
+    assert len({s.color for s in styles.values()}) == len(styles)  # distinct
+    assert plots.label_styles(run.df) == styles  # deterministic
+    # variants of one implementation share a hue family but differ
+    assert styles["local.im2col(kernel=3)"].color != styles["local.im2col(kernel=5)"].color
+    # every plot draws a label in its colour
+    for name in ("latency-float32-forward.png", "memory-float32-forward.png", "speedup-float32-forward.png"):
+        legend = figs[name][0].axes[0].get_legend()
+        for text, handle in zip(legend.get_texts(), legend.legend_handles):
+            label = text.get_text().split("   ")[0].split(" over ")[0]
+            if label in styles:
+                assert handle.get_color() == styles[label].color, (name, label)
+
+
+def test_speedup_pairs(synth):
+    _, run, _ = synth
+    sp = plots.speedups(run)
+    pairs = set(sp["pair"])
+    assert "mha.sdpa over mha.math" in pairs
+    assert "swin.shift_cyclic over swin.shift_pad (window=7)" in pairs
+    assert "local.shift_dwconv over local.im2col (kernel=3)" in pairs
+    assert "swin.shift_cyclic(window=7) over mha.sdpa" in pairs  # the suite's pair
+    assert not any("kernel=5" in p for p in pairs)  # no shift_dwconv(kernel=5) in the run: not paired
+    m = sp[sp["pair"] == "mha.sdpa over mha.math"]
+    assert sorted(m["resolution"]) == [224, 320, 384, 448]  # mha.math over budget from 512: no speed-up there
+    r = m.iloc[0]
+    assert r["speedup"] == pytest.approx(r["latency_baseline_ms"] / r["latency_candidate_ms"])
+    assert 3 < r["speedup"] < 5
+
+
+def test_roofline_only_with_peaks(synth, tmp_path):
+    _, run, figs = synth
+    info = figs["roofline-float32-forward.png"][1]
+    pts = info["points"]
+    assert (pts["status"] == "ok").all() and len(pts) > 0
+    row = pts.iloc[0]
+    assert row["ai"] == pytest.approx(row["flops"] / (4 * (row["params_count"] + 2 * row["tokens"] * row["dim"])))
+    assert info["peak_tflops"] == 0.5 and info["copy_gb_s"] == 20.0
+    bare = plots.load_run(make_run(tmp_path / "nopeaks", peaks=False))
+    assert not any(n.startswith("roofline") for n, _f, _i in plots.build_figures(bare))
+
+
+def test_named_shapes_are_bars_not_lines(tmp_path):
+    run = plots.load_run(make_shape_run(tmp_path / "stages"))
+    assert run.by_shape
+    figs = {n: (f, i) for n, f, i in plots.build_figures(run)}
+    assert not any(n.startswith("exponents") for n in figs)
+    assert "speedup-float32-forward.png" in figs and "roofline-float32-forward.png" in figs
+    fig, info = figs["latency-float32-forward.png"]
+    ax = fig.axes[0]
+    assert len(ax.patches) == 11  # 3 x 4 stages, one out of memory
+    assert [t.get_text().split("\n")[0] for t in ax.get_xticklabels()] == ["S1", "S2", "S3", "S4"]
+    assert [m["status"] for m in info["marked"]] == ["oom"]
+    assert len(info["series"]) == 3  # one series per label, although dim differs by stage
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    with pytest.raises(RunDirError):
+        plots.plot_run(tmp_path)
+    with pytest.raises(RunDirError):
+        plots.plot_run(tmp_path / "missing")
+    (tmp_path / "rows.jsonl").write_text("")
+    with pytest.raises(RunDirError):
+        plots.plot_run(tmp_path)
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def _check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 5000, path
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 600 and height > 250, path
+
+
+def test_plot_run_writes_pngs_without_torch(tmp_path):
+    synth_dir = make_run(tmp_path / "synth")
+    ref = tmp_path / "swin_shift"
+    ref.mkdir()
+    for name in ("rows.jsonl", "env.json", "suite.yaml"):
+        shutil.copy(ROOT / "results" / "reference" / "swin_shift-cpu" / name, ref / name)
+    code = f"""
+import sys
+from attnbench.analysis.plots import plot_run
+for d in {[str(synth_dir), str(ref)]!r}:
+    for p in plot_run(d):
+        print(p)
+assert 'torch' not in sys.modules, 'torch was imported'
+print('NO_TORCH')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "NO_TORCH" in r.stdout
+    paths = [Path(line) for line in r.stdout.splitlines() if line.endswith(".png")]
+    assert len(paths) == 7 + 5
+    for p in paths:
+        _check_png(p)
+    # a second call replaces, not accumulates
+    assert sorted(p.name for p in (synth_dir / "plots").iterdir()) == sorted(p.name for p in paths
+                                                                                if p.parent.parent == synth_dir)
+
+
+def test_run_plots_at_the_end_and_a_plot_failure_only_warns(tmp_path, monkeypatch, capsys):
+    suite = tmp_path / "t.yaml"
+    suite.write_text(f"""
+name: t
+device: cpu
+dim: 16
+heads: 2
+resolution: [32, 48, 64]
+plugins: [{ROOT / 'tests' / 'plugins' / 'toy.py'}]
+measure_peaks: false
+impls: [toy.proj]
+timing: {{warmup_s: 0.0, target_s: 0.01, min_repeats: 3, max_repeats: 5}}
+""")
+    assert main(["run", str(suite), "--out", str(tmp_path / "ok"), "--no-progress"]) == 0
+    assert "plots: 5 PNG(s)" in capsys.readouterr().out
+    assert len(list((tmp_path / "ok" / "plots").glob("*.png"))) == 5
+
+    def broken(run_dir):
+        raise ValueError("broken plot")
+
+    monkeypatch.setattr(plots, "plot_run", broken)
+    assert main(["run", str(suite), "--out", str(tmp_path / "bad"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: plotting failed (ValueError: broken plot)" in err
+    assert len((tmp_path / "bad" / "rows.jsonl").read_text().splitlines()) == 3
