@@ -1,0 +1,506 @@
+"""Compare two run folders cell by cell, and judge a new run against a baseline.
+
+No torch import: this works on run folders copied anywhere (it needs numpy and scipy).
+
+Cells are matched by ``cell_id`` (a hash of implementation, parameters, resolution, patch, batch,
+dim, heads, dtype, mode and device; rows without one are keyed by those fields). For each matched
+cell and metric the verdict is one of:
+
+* latency: ``slower``, ``faster`` or ``no significant change``. The ratio is NEW median / BASE median.
+  A change needs BOTH a two-sided Mann-Whitney U test on the raw per-call samples with p < ``alpha``
+  (default 0.01) AND an effect of at least ``min_effect`` (default 5%): slower means ratio >= 1 +
+  min_effect, faster means ratio <= 1 / (1 + min_effect). With few samples the test cannot reach
+  ``alpha`` at all (n = m = 5: smallest two-sided p is 0.008); the line says so.
+* peak memory (one value per cell, no samples): ``bigger`` / ``smaller`` when the ratio passes
+  ``memory_growth`` (default 5%) AND the absolute difference exceeds a floor: on CPU the peak is
+  the resident-set high-water mark at page granularity, and the allocator's state moves it by a
+  few hundred KiB to a few MiB between runs, so the floor is 2 MiB (``rss_hwm_delta``); CUDA
+  allocator peaks are exact to the block, floor 64 KiB (``cuda_allocator_peak_delta``).
+* FLOPs (``flops_analytic``, ``flops_torch``, ``flops_torch_fwd_bwd``, ``macs_fvcore``) and
+  ``params_count``: deterministic, so any difference is ``changed``.
+* status: a cell that was ``ok`` and is now ``oom``, ``error``, ... is ``worse`` (a regression); the
+  other way round ``better``; any other change of status ``changed``.
+
+:func:`check` applies thresholds (``max_slowdown``, ``max_memory_growth``) to a comparison and
+returns the failures. With ``normalize=True`` a cell's latency must also be slower than the
+run-wide median ratio (the machine's speed factor: on a shared CPU a busy machine slows every
+cell together) by more than ``max_slowdown`` for it to fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import store
+from ..errors import AttnbenchError
+
+DEFAULT_ALPHA = 0.01
+DEFAULT_MIN_EFFECT = 0.05
+DEFAULT_MEMORY_GROWTH = 0.05
+MEMORY_FLOOR_BYTES = {"rss_hwm_delta": 2 * 2**20, "cuda_allocator_peak_delta": 64 * 2**10}
+DEFAULT_MEMORY_FLOOR = 2 * 2**20
+EXACT_METRICS = ("flops_analytic", "flops_torch", "flops_torch_fwd_bwd", "macs_fvcore", "params_count")
+IDENTITY = ("impl", "params", "resolution", "patch", "batch", "dim", "heads", "dtype", "mode", "device")
+MIN_CELLS_TO_NORMALIZE = 4
+
+SLOWER, FASTER, SAME = "slower", "faster", "no significant change"
+BIGGER, SMALLER = "bigger", "smaller"
+CHANGED, EQUAL = "changed", "equal"
+WORSE, BETTER = "worse", "better"
+
+
+class CompareError(AttnbenchError):
+    """Runs that cannot be compared (not run folders, bad thresholds)."""
+
+
+@dataclass
+class MetricResult:
+    """One metric of one matched cell."""
+
+    metric: str  # latency_ms, peak_mem_bytes, flops_analytic, ..., status
+    base: Any
+    new: Any
+    ratio: float | None = None  # new / base
+    p_value: float | None = None  # latency only
+    verdict: str = SAME
+    note: str = ""
+    n_base: int | None = None
+    n_new: int | None = None
+    scale: float = 1.0  # latency with normalization: the speed factor the base was scaled by
+    ratio_normalized: float | None = None  # ratio / scale
+    p_normalized: float | None = None  # the test of NEW against BASE x scale
+
+    @property
+    def significant(self) -> bool:
+        return self.verdict not in (SAME, EQUAL)
+
+
+@dataclass
+class CellComparison:
+    key: str
+    label: str  # human-readable description of the cell
+    base: dict[str, Any]
+    new: dict[str, Any]
+    metrics: list[MetricResult] = field(default_factory=list)
+
+    def metric(self, name: str) -> MetricResult | None:
+        return next((m for m in self.metrics if m.metric == name), None)
+
+
+@dataclass
+class Comparison:
+    base_dir: Path
+    new_dir: Path
+    cells: list[CellComparison]
+    only_base: list[tuple[str, str]]  # (key, label) of cells missing from the new run
+    only_new: list[tuple[str, str]]  # (key, label) of cells missing from the base run
+    alpha: float
+    min_effect: float
+    memory_growth: float
+    env_notes: list[str] = field(default_factory=list)
+    speed_factor: float | None = None  # median latency ratio over the matched ok cells
+    memory_floor_bytes: float | None = None  # None: by measuring method
+
+    def significant(self) -> list[tuple[CellComparison, MetricResult]]:
+        return [(c, m) for c in self.cells for m in c.metrics if m.significant]
+
+
+@dataclass
+class Failure:
+    cell: CellComparison
+    metric: MetricResult
+    why: str
+
+
+# --- matching -------------------------------------------------------------------------------------
+
+def cell_key(row: dict[str, Any]) -> str:
+    """The row's ``cell_id``, or the same identity hashed from its fields when the row has none."""
+    if row.get("cell_id"):
+        return str(row["cell_id"])
+    ident = {k: row.get(k) for k in IDENTITY}
+    ident["params"] = sorted((row.get("params") or {}).items())
+    return "k" + hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:15]
+
+
+def describe(row: dict[str, Any]) -> str:
+    """``sra.conv(sr_ratio=8) 224px b1 float32 forward cpu`` (the shape's name when it has one)."""
+    where = f"{row.get('shape')}({row.get('resolution')}px/{row.get('patch')})" if row.get("shape") \
+        else f"{row.get('resolution')}px"
+    label = row.get("label") or row.get("impl")
+    return f"{label} {where} b{row.get('batch')} d{row.get('dim')}h{row.get('heads')} " \
+           f"{row.get('dtype')} {row.get('mode')} {row.get('device')}"
+
+
+def read_run(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and environment of a run folder (or a baseline folder, which is one)."""
+    path = Path(path)
+    if not path.exists():
+        raise CompareError(f"{path} does not exist")
+    if not path.is_dir() or not (path / store.ROWS_FILE).is_file():
+        raise CompareError(f"{path} is not a run folder (no {store.ROWS_FILE})")
+    return store.read_rows(path), store.read_env(path)
+
+
+def _index(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        out[cell_key(r)] = r  # a cell measured twice (resumed runs): the last row wins
+    return out
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+def _num(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _samples(row: dict[str, Any]) -> np.ndarray | None:
+    s = row.get("latency_ms_samples")
+    if not s:
+        return None
+    a = np.asarray([x for x in s if x is not None], dtype=float)
+    a = a[np.isfinite(a)]
+    return a if a.size else None
+
+
+def _median(row: dict[str, Any], samples: np.ndarray | None = None) -> float | None:
+    """Median latency (ms) of the raw samples, or the row's recorded median when it has none."""
+    samples = _samples(row) if samples is None else samples
+    return float(np.median(samples)) if samples is not None else _num(row.get("latency_ms_median"))
+
+
+def mann_whitney_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Mann-Whitney U p-value (exact for small samples without ties, else asymptotic)."""
+    from scipy.stats import mannwhitneyu
+
+    if np.array_equal(np.sort(a), np.sort(b)):
+        return 1.0
+    return float(mannwhitneyu(a, b, alternative="two-sided", method="auto").pvalue)
+
+
+def min_p_value(n: int, m: int) -> float:
+    """The smallest two-sided p-value a rank test can give with samples of n and m (complete separation)."""
+    return min(1.0, 2.0 / math.comb(n + m, n))
+
+
+def _verdict(p: float, ratio: float, alpha: float, min_effect: float) -> str:
+    if p < alpha and ratio >= 1 + min_effect:
+        return SLOWER
+    if p < alpha and ratio <= 1 / (1 + min_effect):
+        return FASTER
+    return SAME
+
+
+def latency_result(base: dict[str, Any], new: dict[str, Any], alpha: float, min_effect: float,
+                   scale: float = 1.0) -> MetricResult | None:
+    """Latency verdict from the raw samples.
+
+    ``scale`` (the machine's speed factor, 1 without normalization) multiplies the base samples for
+    a second test, ``p_normalized`` / ``ratio_normalized``; the verdict then uses that one.
+    """
+    a, b = _samples(base), _samples(new)
+    mb, mn = _median(base, a), _median(new, b)
+    if mb is None or mn is None:
+        return None
+    ratio = mn / mb if mb > 0 else math.inf
+    res = MetricResult("latency_ms", mb, mn, ratio, scale=scale, ratio_normalized=ratio / scale)
+    if a is None or b is None:
+        res.note = "no raw samples on one side: ratio only, not tested"
+        return res
+    res.n_base, res.n_new = int(a.size), int(b.size)
+    res.p_value = mann_whitney_p(a, b)
+    res.p_normalized = mann_whitney_p(a * scale, b) if scale != 1.0 else res.p_value
+    if min_p_value(a.size, b.size) >= alpha:
+        res.note = f"{a.size} vs {b.size} samples cannot reach p < {alpha:g}"
+    res.verdict = _verdict(res.p_normalized, res.ratio_normalized, alpha, min_effect)
+    return res
+
+
+def memory_floor(base: dict[str, Any], new: dict[str, Any], floor: float | None = None) -> float:
+    if floor is not None:
+        return floor
+    methods = {base.get("peak_mem_method"), new.get("peak_mem_method")}
+    return max(MEMORY_FLOOR_BYTES.get(m, DEFAULT_MEMORY_FLOOR) for m in methods) if methods else DEFAULT_MEMORY_FLOOR
+
+
+def memory_result(base: dict[str, Any], new: dict[str, Any], growth: float,
+                  floor: float | None = None) -> MetricResult | None:
+    vb, vn = _num(base.get("peak_mem_bytes")), _num(new.get("peak_mem_bytes"))
+    if vb is None or vn is None:
+        return None
+    fl = memory_floor(base, new, floor)
+    ratio = vn / vb if vb > 0 else (1.0 if vn == 0 else math.inf)
+    res = MetricResult("peak_mem_bytes", vb, vn, ratio)
+    if abs(vn - vb) <= fl:
+        res.note = f"difference within the {fl / 2**20:.3g} MiB floor" if vn != vb else ""
+    elif ratio >= 1 + growth:
+        res.verdict = BIGGER
+    elif ratio <= 1 / (1 + growth):
+        res.verdict = SMALLER
+    return res
+
+
+def exact_result(metric: str, base: dict[str, Any], new: dict[str, Any]) -> MetricResult | None:
+    vb, vn = base.get(metric), new.get(metric)
+    nb, nn = _num(vb), _num(vn)
+    if nb is None and nn is None:
+        return None
+    ratio = nn / nb if nb and nn is not None else None
+    res = MetricResult(metric, vb, vn, ratio, verdict=EQUAL if nb == nn else CHANGED)
+    if nb is None or nn is None:
+        res.note = "counted on one side only"
+    return res
+
+
+def status_result(base: dict[str, Any], new: dict[str, Any]) -> MetricResult:
+    sb, sn = base.get("status", "ok"), new.get("status", "ok")
+    res = MetricResult("status", sb, sn, verdict=EQUAL)
+    if sb != sn:
+        res.verdict = WORSE if sb == "ok" else BETTER if sn == "ok" else CHANGED
+        res.note = str(new.get("message") or "")[:200]
+    return res
+
+
+# --- comparing ------------------------------------------------------------------------------------
+
+def _env_notes(eb: dict[str, Any], en: dict[str, Any]) -> list[str]:
+    def dev(e: dict[str, Any]) -> str:
+        gpu = e.get("gpu")
+        return gpu.get("name") if isinstance(gpu, dict) and gpu.get("name") else \
+            f"CPU {(e.get('cpu') or {}).get('model')}"
+
+    notes = []
+    pairs = [("device", dev(eb), dev(en)),
+             ("torch", (eb.get("torch") or {}).get("version"), (en.get("torch") or {}).get("version")),
+             ("threads", (eb.get("torch") or {}).get("num_threads"), (en.get("torch") or {}).get("num_threads"))]
+    for what, b, n in pairs:
+        if eb and en and b != n:
+            notes.append(f"{what} differs: base {b}, new {n}")
+    return notes
+
+
+def compare_runs(base_dir: str | Path, new_dir: str | Path, alpha: float = DEFAULT_ALPHA,
+                 min_effect: float = DEFAULT_MIN_EFFECT, memory_growth: float = DEFAULT_MEMORY_GROWTH,
+                 memory_floor_bytes: float | None = None, normalize: bool = False) -> Comparison:
+    """Match the cells of two runs and give each metric a verdict (see the module's docstring).
+
+    ``normalize`` scales the base latencies by the median NEW/BASE latency ratio over all matched
+    ok cells before judging (only with at least 4 such cells), so a uniformly slower machine does
+    not make every cell "slower"; ``Comparison.speed_factor`` records that ratio either way.
+    """
+    _check_fraction("alpha", alpha, upper=1.0)
+    _check_fraction("min_effect", min_effect)
+    _check_fraction("memory_growth", memory_growth)
+    rows_b, env_b = read_run(base_dir)
+    rows_n, env_n = read_run(new_dir)
+    ib, inew = _index(rows_b), _index(rows_n)
+    common = [k for k in ib if k in inew]
+    only_base = [(k, describe(ib[k])) for k in ib if k not in inew]
+    only_new = [(k, describe(inew[k])) for k in inew if k not in ib]
+
+    ratios = []
+    for k in common:
+        if ib[k].get("status", "ok") == "ok" and inew[k].get("status", "ok") == "ok":
+            mb, mn = _median(ib[k]), _median(inew[k])
+            if mb and mn and math.isfinite(mn / mb):
+                ratios.append(mn / mb)
+    speed = float(np.exp(np.median(np.log(ratios)))) if ratios else None
+    scale = speed if normalize and speed and len(ratios) >= MIN_CELLS_TO_NORMALIZE else 1.0
+
+    cells = []
+    for k in common:
+        b, n = ib[k], inew[k]
+        cc = CellComparison(k, describe(n), b, n)
+        cc.metrics.append(status_result(b, n))
+        if b.get("status", "ok") == "ok" and n.get("status", "ok") == "ok":
+            lat = latency_result(b, n, alpha, min_effect, scale)
+            if lat is not None:
+                cc.metrics.append(lat)
+            mem = memory_result(b, n, memory_growth, memory_floor_bytes)
+            if mem is not None:
+                cc.metrics.append(mem)
+        for metric in EXACT_METRICS:
+            ex = exact_result(metric, b, n)
+            if ex is not None:
+                cc.metrics.append(ex)
+        cells.append(cc)
+    cmp = Comparison(Path(base_dir), Path(new_dir), cells, only_base, only_new, alpha, min_effect, memory_growth,
+                     _env_notes(env_b, env_n), speed, memory_floor_bytes)
+    if normalize and scale == 1.0 and speed is not None:
+        cmp.env_notes.append(f"not normalized: only {len(ratios)} matched ok cell(s), "
+                             f"{MIN_CELLS_TO_NORMALIZE} needed")
+    return cmp
+
+
+def _check_fraction(name: str, value: float, upper: float | None = None) -> None:
+    if not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or (upper is not None and value >= upper):
+        raise CompareError(f"{name} must be a number >= 0{f' and < {upper:g}' if upper else ''}, got {value!r}")
+
+
+def parse_fraction(text: str | float, name: str = "threshold") -> float:
+    """``10%`` or ``0.1`` -> 0.1. A bare number above 1 (``10``) is refused as ambiguous."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+        if value > 1:
+            raise CompareError(f"{name} {text!r} is ambiguous: write {value:g}% or {value / 100:g}")
+        return value
+    s = str(text).strip()
+    try:
+        if s.endswith("%"):
+            value = float(s[:-1]) / 100
+        else:
+            value = float(s)
+            if value > 1:
+                raise CompareError(f"{name} {text!r} is ambiguous: write {value:g}% or {value / 100:g}")
+    except ValueError:
+        raise CompareError(f"{name} {text!r} is not a percentage (10%) or a fraction (0.1)") from None
+    if not math.isfinite(value) or value < 0:
+        raise CompareError(f"{name} {text!r} must be a finite percentage >= 0")
+    return value
+
+
+# --- checking -------------------------------------------------------------------------------------
+
+def check(cmp: Comparison, max_slowdown: float = 0.10, max_memory_growth: float = 0.05,
+          fail_on_flops: bool = True, fail_on_status: bool = True, fail_on_missing: bool = False,
+          ) -> list[Failure]:
+    """The significant regressions beyond the thresholds (an empty list: the check passes).
+
+    Latency fails when p < ``cmp.alpha`` and NEW/BASE median >= 1 + ``max_slowdown`` (with
+    normalization, both the plain ratio and the ratio over the speed factor must pass it); peak
+    memory when the ratio passes 1 + ``max_memory_growth`` and the difference exceeds the floor;
+    any change of FLOPs or parameter count, and an ``ok`` cell that no longer is, fail by default;
+    missing cells only with ``fail_on_missing``.
+    """
+    failures = []
+    for c in cmp.cells:
+        for m in c.metrics:
+            why = None
+            if m.metric == "status" and m.verdict == WORSE and fail_on_status:
+                why = f"status {m.base} -> {m.new}" + (f" ({m.note})" if m.note else "")
+            elif m.metric == "latency_ms" and m.p_value is not None:
+                limit = 1 + max_slowdown
+                if (m.p_value < cmp.alpha and m.ratio >= limit
+                        and m.p_normalized < cmp.alpha and m.ratio_normalized >= limit):
+                    norm = (f"; x{m.ratio_normalized:.3f}, p={m.p_normalized:.2g} over the speed factor "
+                            f"x{m.scale:.3f}") if m.scale != 1.0 else ""
+                    why = (f"latency {m.base:.4g} -> {m.new:.4g} ms (x{m.ratio:.3f}, p={m.p_value:.2g}{norm}) "
+                           f"exceeds +{100 * max_slowdown:g}% at alpha {cmp.alpha:g}")
+            elif m.metric == "peak_mem_bytes" and m.verdict == BIGGER and m.ratio >= 1 + max_memory_growth:
+                why = (f"peak memory {m.base / 2**20:.4g} -> {m.new / 2**20:.4g} MiB (x{m.ratio:.3f}) "
+                       f"exceeds +{100 * max_memory_growth:g}%")
+            elif m.metric in EXACT_METRICS and m.verdict == CHANGED and fail_on_flops:
+                why = f"{m.metric} {_fmt_int(m.base)} -> {_fmt_int(m.new)} (must match exactly)"
+            if why:
+                failures.append(Failure(c, m, why))
+    if fail_on_missing:
+        for k, label in cmp.only_base:
+            dummy = CellComparison(k, label, {}, {})
+            failures.append(Failure(dummy, MetricResult("cell", "present", "missing", verdict=CHANGED),
+                                    "in the baseline, missing from the new run"))
+        for k, label in cmp.only_new:
+            dummy = CellComparison(k, label, {}, {})
+            failures.append(Failure(dummy, MetricResult("cell", "missing", "present", verdict=CHANGED),
+                                    "in the new run, missing from the baseline"))
+    return failures
+
+
+def _fmt_int(v: Any) -> str:
+    n = _num(v)
+    return "none" if n is None else f"{int(n):,}" if n == int(n) else f"{n:g}"
+
+
+RETRIABLE = ("status", "latency_ms", "peak_mem_bytes")  # noisy metrics: a retry can confirm or clear them
+
+
+def confirm(failures: list[Failure], retried: list[Failure]) -> tuple[list[Failure], list[Failure]]:
+    """(confirmed, cleared): a noisy failure stays only if the re-measured run fails on the same cell and
+    metric; deterministic ones (FLOPs, parameters, missing cells) stay as they are."""
+    again = {(f.cell.key, f.metric.metric): f for f in retried}
+    confirmed, cleared = [], []
+    for f in failures:
+        if f.metric.metric not in RETRIABLE:
+            confirmed.append(f)
+        elif (f.cell.key, f.metric.metric) in again:
+            confirmed.append(again[(f.cell.key, f.metric.metric)])
+        else:
+            cleared.append(f)
+    return confirmed, cleared
+
+
+# --- text -----------------------------------------------------------------------------------------
+
+def _metric_line(m: MetricResult) -> str:
+    if m.metric == "latency_ms":
+        p = f"p={m.p_value:.2g}" if m.p_value is not None else "p=n/a"
+        n = f", n={m.n_base}/{m.n_new}" if m.n_base is not None else ""
+        norm = ""
+        if m.scale != 1.0 and m.ratio_normalized is not None:
+            pn = f"p={m.p_normalized:.2g}" if m.p_normalized is not None else "p=n/a"
+            norm = f"; over speed factor x{m.ratio_normalized:.3f} {pn}"
+        text = f"latency   {m.base:>10.4g} -> {m.new:<10.4g} ms   x{m.ratio:<7.3f} {p}{n}{norm}  {m.verdict}"
+    elif m.metric == "peak_mem_bytes":
+        ratio = f"x{m.ratio:<7.3f}" if math.isfinite(m.ratio) else "x inf   "
+        text = f"peak mem  {m.base / 2**20:>10.4g} -> {m.new / 2**20:<10.4g} MiB  {ratio} {m.verdict}"
+    elif m.metric == "status":
+        text = f"status    {m.base} -> {m.new}  {m.verdict}"
+    else:
+        text = f"{m.metric:<9} {_fmt_int(m.base)} -> {_fmt_int(m.new)}  {m.verdict}"
+    return text + (f"  ({m.note})" if m.note else "")
+
+
+def _floor_text(floor: float | None) -> str:
+    if floor is not None:
+        return f"{floor / 2**20:g} MiB"
+    return "CPU resident set 2 MiB, CUDA allocator 64 KiB"
+
+
+def comparison_text(cmp: Comparison, verbose: bool = False) -> str:
+    """Per cell: every metric with its ratio and verdict (``verbose=False``: the changed metrics of
+    each cell only, plus a one-line latency summary of the unchanged ones)."""
+    lines = [f"base: {cmp.base_dir}", f"new:  {cmp.new_dir}",
+             f"latency: two-sided Mann-Whitney U on the raw samples, alpha {cmp.alpha:g}, minimum effect "
+             f"{100 * cmp.min_effect:g}%; peak memory: {100 * cmp.memory_growth:g}% beyond a floor "
+             f"({_floor_text(cmp.memory_floor_bytes)}); FLOPs and parameters: exact"]
+    for note in cmp.env_notes:
+        lines.append(f"note: {note}")
+    if cmp.speed_factor is not None:
+        lines.append(f"median latency ratio over matched ok cells (speed factor): x{cmp.speed_factor:.3f}")
+    counts: dict[str, int] = {}
+    lines.append("")
+    for c in cmp.cells:
+        shown = [m for m in c.metrics if verbose or m.significant or m.metric == "latency_ms"]
+        flag = "*" if any(m.significant for m in c.metrics) else " "
+        lines.append(f"{flag} {c.label}")
+        for m in shown:
+            lines.append(f"      {_metric_line(m)}")
+            if m.significant:
+                counts[f"{m.metric}: {m.verdict}"] = counts.get(f"{m.metric}: {m.verdict}", 0) + 1
+    if cmp.only_base:
+        lines.append(f"\nonly in base ({len(cmp.only_base)}):")
+        lines += [f"  {label}" for _, label in cmp.only_base]
+    if cmp.only_new:
+        lines.append(f"\nonly in new ({len(cmp.only_new)}):")
+        lines += [f"  {label}" for _, label in cmp.only_new]
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no significant change"
+    lines.append(f"\n{len(cmp.cells)} matched cell(s): {summary}; {len(cmp.only_base)} only in base, "
+                 f"{len(cmp.only_new)} only in new")
+    return "\n".join(lines)
+
+
+def failures_text(failures: list[Failure]) -> str:
+    return "\n".join(f"REGRESSION {f.cell.label}: {f.why}" for f in failures)
