@@ -125,10 +125,10 @@ def test_throttled_cells_are_listed():
     from attnbench import store
     import pandas as pd
 
-    df = pd.DataFrame([{"label": "a", "resolution": 224, "dtype": "bfloat16", "mode": "forward", "status": "ok",
-                        "message": "", "noisy": False, "throttled": "sw_power_cap", "latency_ms_iqr": 0.1,
-                        "latency_ms_median": 1.0}])
-    assert store.attention_list(df) == ["throttled: a 224px bfloat16 forward: sw_power_cap"]
+    df = pd.DataFrame([{"label": "a", "resolution": 224, "shape": "", "tokens": 3136, "batch": 1, "dtype": "bfloat16",
+                        "mode": "forward", "status": "ok", "message": "", "noisy": False, "throttled": "sw_power_cap",
+                        "latency_ms_iqr": 0.1, "latency_ms_median": 1.0}])
+    assert store.attention_lines(df) == ["throttled: a 224px (3136 tokens) bfloat16 forward batch 1: sw_power_cap"]
 
 
 # --- peaks and derived performance -----------------------------------------------------------------

@@ -20,51 +20,14 @@ from typing import Any
 import pandas as pd
 
 from ..errors import AttnbenchError
+from ..store import TABLES, attention_cells, attention_lines, table  # shared with the run summary
 from . import plots
 from .fit import Fit
 
 REPORT_DIR = "report"
 
-# (title with units, column, scale, format)
-TABLES = [
-    ("latency, median ms (~ = noisy: IQR > 10% of the median)", "latency_ms_median", 1.0, ".3g"),
-    ("peak memory of one call, MiB", "peak_mem_bytes", 2.0 ** 20, ".4g"),
-    ("FLOPs (analytic, forward, 2 per MAC), GFLOP", "flops_analytic", 1e9, ".4g"),
-    ("throughput, img/s", "throughput_img_s", 1.0, ".3g"),
-]
-MEASURED = ("latency_ms_median", "peak_mem_bytes", "throughput_img_s", "throughput_tok_s", "tflops_achieved")
-STATUS_WORD = {"oom": "OOM", "over_budget": "budget", "unsupported": "n/a", "error": "ERR", "timeout": "timeout",
-               "crashed": "crashed"}
-
 
 # ------------------------------------------------------------------------------------------ tables
-
-
-def _cell(row: pd.Series, col: str, scale: float, fmt: str) -> str:
-    if row["status"] != "ok" and col in MEASURED:
-        return STATUS_WORD.get(row["status"], row["status"] or "?")
-    v = row.get(col)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    text = format(float(v) / scale, fmt)
-    return text + ("~" if col == "latency_ms_median" and row.get("noisy") is True else "")
-
-
-def table(df: pd.DataFrame, col: str, scale: float = 1.0, fmt: str = ".3g") -> pd.DataFrame:
-    """label (x whatever varies: dtype, mode, batch, dim, heads) by resolution or named shape; failed cells
-    show their status (OOM, budget, ERR, n/a) in measured columns."""
-    by_shape = bool(len(df)) and df["shape"].fillna("").astype(str).astype(bool).all()
-    columns = "shape" if by_shape else "resolution"
-    varying = ("dtype", "mode", "batch") if by_shape else ("dtype", "mode", "batch", "dim", "heads")
-    index = ["label"] + [c for c in varying if df[c].nunique() > 1]
-    d = df.assign(_cell=[_cell(r, col, scale, fmt) for _, r in df.iterrows()])
-    if not by_shape:
-        d = d.assign(resolution=d["resolution"].astype("Int64"))
-    t = d.pivot_table(index=index, columns=columns, values="_cell", aggfunc="first", sort=False)
-    if not by_shape:
-        t = t[sorted(t.columns)]
-    t.columns.name = columns
-    return t.fillna("")
 
 
 def _text_table(t: pd.DataFrame) -> str:
@@ -145,48 +108,6 @@ def show_text(run_dir: str | Path, impl: str | None = None, resolution: str | in
 
 
 # ---------------------------------------------------------------------------------- cells to look at
-
-
-def _where(r: pd.Series) -> str:
-    at = r["shape"] if r["shape"] else f"{int(r['resolution'])}px"
-    extra = [str(r["dtype"]), str(r["mode"])]
-    if r.get("batch") == r.get("batch"):
-        extra.append(f"batch {int(r['batch'])}")
-    return f"{r['label']} {at} ({int(r['tokens']) if r['tokens'] == r['tokens'] else '?'} tokens) {' '.join(extra)}"
-
-
-def attention_cells(df: pd.DataFrame) -> list[dict[str, str]]:
-    """Every failed, skipped, noisy or throttled cell: dicts with kind, status, cell and detail."""
-    out = []
-    for _, r in df.iterrows():
-        where = _where(r)
-        if r["status"] != "ok":
-            skipped = str(r["message"]).startswith("skipped:")
-            out.append({"kind": "skipped" if skipped else "failed", "status": r["status"], "cell": where,
-                        "detail": str(r["message"]).splitlines()[0] if r["message"] else ""})
-            continue
-        if r.get("noisy") is True:
-            med, iqr = r["latency_ms_median"], r["latency_ms_iqr"]
-            detail = (f"IQR {iqr:.3g} ms on a median of {med:.3g} ms ({100 * iqr / med:.0f}%)"
-                      if med == med and iqr == iqr and med > 0 else "IQR > 10% of the median")
-            out.append({"kind": "noisy", "status": "ok", "cell": where, "detail": detail})
-        throttled = r.get("throttled")
-        if isinstance(throttled, str) and throttled:
-            out.append({"kind": "throttled", "status": "ok", "cell": where, "detail": throttled})
-    return out
-
-
-def attention_lines(df: pd.DataFrame) -> list[str]:
-    lines = []
-    cells = attention_cells(df)
-    for c in cells:
-        if c["kind"] != "skipped":
-            lines.append(f"{c['kind'] if c['kind'] != 'failed' else c['status']}: {c['cell']}: {c['detail']}")
-    skipped = [c for c in cells if c["kind"] == "skipped"]
-    if skipped:
-        lines.append(f"skipped: {len(skipped)} cell(s) not tried after a smaller resolution failed "
-                     "(listed in the report)")
-    return lines
 
 
 # ----------------------------------------------------------------------------------------- sections
