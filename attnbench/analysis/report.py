@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import AttnbenchError
-from ..store import TABLES, attention_cells, attention_lines, table  # shared with the run summary
+from ..store import TABLES, attention_cells, summary_text, table  # shared with the run summary
 from . import plots
 from .fit import Fit
 
@@ -28,10 +28,6 @@ REPORT_DIR = "report"
 
 
 # ------------------------------------------------------------------------------------------ tables
-
-
-def _text_table(t: pd.DataFrame) -> str:
-    return t.to_string()
 
 
 def _flat(t: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
@@ -96,18 +92,8 @@ def show_text(run_dir: str | Path, impl: str | None = None, resolution: str | in
                 f"; dtypes {', '.join(dict.fromkeys(run.df['dtype']))}"
                 f"; modes {', '.join(dict.fromkeys(run.df['mode']))}")
         raise AttnbenchError(f"no cell of {run.path} matches {asked} (the run has {have})")
-    parts = [f"{run.name}: {plots.device_name(run.env, run.df)}, {len(d)} of {len(run.df)} cells"]
-    for title, col, scale, fmt in TABLES:
-        parts.append(f"{title}\n{_text_table(table(d, col, scale, fmt))}")
-    counts = d["status"].value_counts().to_dict()
-    parts.append("cells: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    flagged = attention_lines(d)
-    if flagged:
-        parts.append("cells to look at:\n" + "\n".join(f"  {line}" for line in flagged))
-    return "\n\n".join(parts)
-
-
-# ---------------------------------------------------------------------------------- cells to look at
+    head = f"{run.name}: {plots.device_name(run.env, run.df)}, {len(d)} of {len(run.df)} cells"
+    return head + "\n\n" + summary_text(d)
 
 
 # ----------------------------------------------------------------------------------------- sections
