@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Wheels the lent GPU machine lacks, into .whl/ (ignored by git), for a device run to carry:
+# fvcore and its pure-Python needs (../shared/device/prepare-wheels.sh), plus pydantic, which the
+# suite validation needs and the GPU image does not have (Python 3.12, x86-64).
+# Usage, from the project root:  bash benchmarks/device_wheels.sh
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+bash ../shared/device/prepare-wheels.sh >/dev/null
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
+  "pydantic==$(python3 -c 'import pydantic; print(pydantic.VERSION)')" \
+  "pydantic-core==$(python3 -c 'import pydantic_core; print(pydantic_core.__version__)')" \
+  annotated-types typing-inspection "typing-extensions==$(python3 -c 'import importlib.metadata as m; print(m.version("typing_extensions"))')"
+ls -1 .whl
+cat <<'MSG'
+
+Device run: carry [".whl"], and start the command with
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit;
+then e.g.  python3 -m pytest -q -m gpu tests; python3 -m attnbench run suites/resolution_sweep.yaml --out $OUT/run;
+python3 benchmarks/check_timing.py --out $OUT/check_timing
+MSG
