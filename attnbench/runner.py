@@ -432,7 +432,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(cases), unit="cell", dynamic_ncols=True)
+        bar = tqdm(total=len(cases), unit="cell", dynamic_ncols=True, disable=None)  # None: off when not a terminal
     try:
         for case in cases:
             if bar is not None:
