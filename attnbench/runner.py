@@ -152,9 +152,11 @@ class RunContext:
     @classmethod
     def create(cls, settings: SuiteModel, device: torch.device, peaks: dict[str, Any] | None = None) -> "RunContext":
         flush = timing.l2_flusher(device) if settings.timing.l2_flush else None
-        index = (device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else None
-        return cls(device=device, flush=flush, telemetry=Telemetry(index), peaks=peaks)
+        index = uuid = None
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        return cls(device=device, flush=flush, telemetry=Telemetry(index, str(uuid) if uuid else None), peaks=peaks)
 
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",

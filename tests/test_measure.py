@@ -28,6 +28,31 @@ def test_time_calls_cpu():
     assert len(samples) == 7 == len(calls) and all(s >= 0 for s in samples)
 
 
+def test_time_calls_cuda_events_order(monkeypatch):
+    """The CUDA path without a GPU: fake events show the flush runs before each call's start event,
+    outside the timed interval, and the device is synchronised only before and after the batch."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = len(log)
+            log.append("record")
+
+        def elapsed_time(self, end):  # "milliseconds" = log entries between the two events
+            return float(end.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    samples = timing.time_calls(lambda: log.append("call"), torch.device("cuda"), 3,
+                                flush=lambda: log.append("flush"))
+    assert log == ["sync"] + ["flush", "record", "call", "record"] * 3 + ["sync"]
+    assert samples == [2.0, 2.0, 2.0]  # each interval holds the call alone
+
+
 @pytest.mark.skipif(memory.cpu_method() != memory.CPU_METHOD, reason="needs /proc/self/clear_refs")
 @pytest.mark.parametrize("mib", [8, 64])
 def test_cpu_peak_memory_sees_a_temporary(mib):

@@ -131,6 +131,99 @@ def test_throttled_cells_are_listed():
     assert store.attention_lines(df) == ["throttled: a 224px (3136 tokens) bfloat16 forward batch 1: sw_power_cap"]
 
 
+class FakeNVML:
+    """A stand-in for pynvml: one GPU whose clock-event mask is whatever the test sets."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 0, 1, 0
+
+    def __init__(self, uuids=("GPU-aaaa", "GPU-bbbb")):
+        self.uuids, self.mask, self.inits = list(uuids), 0x1, 0
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self.uuids[i]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if uuid not in self.uuids:
+            raise RuntimeError("NVML_ERROR_NOT_FOUND")
+        return uuid
+
+    def nvmlDeviceGetClockInfo(self, h, kind):
+        return 1980 if kind == self.NVML_CLOCK_SM else 3201
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 412_345  # milliwatts
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return 61
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return self.mask
+
+    def nvmlDeviceGetName(self, h):
+        return b"Fake H200"
+
+    def nvmlSystemGetDriverVersion(self):
+        return "580.159"
+
+    def nvmlDeviceGetMaxClockInfo(self, h, kind):
+        return 1980
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return 700_000
+
+    def nvmlDeviceGetPersistenceMode(self, h):
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")  # a query that fails is None, not an error
+
+
+def test_telemetry_reads_nvml_and_matches_torchs_gpu_by_uuid(monkeypatch):
+    from attnbench.measure import env
+
+    fake = FakeNVML()
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
+    t = telemetry.Telemetry(0, uuid="bbbb")  # torch's device 0 is the driver's device 1
+    assert t.available and t.matched_by == "uuid" and t.handle == "GPU-bbbb"
+    fake.mask = 0x1 | 0x4
+    assert t.snapshot() == {"available": True, "sm_clock_mhz": 1980, "mem_clock_mhz": 3201, "power_w": 412.345,
+                            "temperature_c": 61, "clock_event_mask": 0x5,
+                            "clock_event_reasons": ["gpu_idle", "sw_power_cap"]}
+    assert telemetry.Telemetry(1, uuid="GPU-unknown").handle == "GPU-bbbb"  # unknown uuid: by index
+    state = env.nvml_state(0, "aaaa")
+    assert state["name"] == "Fake H200" and state["power_limit_w"] == 700.0 and state["persistence_mode"] is None
+    assert state["matched_by"] == "uuid" and state["clock_event_reasons"] == ["gpu_idle", "sw_power_cap"]
+
+
+def test_throttled_cell_is_recorded_and_warned(tmp_path, monkeypatch, capsys):
+    from attnbench import cli
+
+    fake = FakeNVML()
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
+    fake.mask = 0x20  # software thermal slowdown, in every snapshot
+    real_create = runner.RunContext.create
+
+    def create(settings, device, peaks=None):  # a CPU run that reads the fake GPU's telemetry
+        ctx = real_create(settings, device, peaks)
+        ctx.telemetry = telemetry.Telemetry(0)
+        return ctx
+
+    monkeypatch.setattr(runner.RunContext, "create", create)
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps({"name": "t", "device": "cpu", "dim": 16, "heads": 2, "resolution": [32],
+                                "impls": ["mha.sdpa"], "timing": FAST, "measure_peaks": False}))
+    code = cli.main(["run", str(path), "--out", str(tmp_path / "r"), "--no-progress"])
+    row = attnbench.load_results(tmp_path / "r").iloc[0]
+    assert code == 0 and row["status"] == "ok" and row["telemetry"] == "nvml"
+    assert row["throttled"] == "sw_thermal_slowdown"
+    assert row["gpu_before_sm_clock_mhz"] == 1980 and row["gpu_after_temperature_c"] == 61
+    assert row["gpu_after_clock_event_reasons"] == "sw_thermal_slowdown"
+    assert "ran with the GPU throttled (sw_thermal_slowdown)" in capsys.readouterr().err
+
+
 # --- peaks and derived performance -----------------------------------------------------------------
 
 def test_device_peaks_and_fraction(tmp_path):

@@ -48,47 +48,38 @@ def _git(repo: Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def nvml_state(index: int = 0) -> dict[str, Any]:
-    """GPU name, driver, clocks, power, temperature and throttle reasons from nvidia-ml-py.
+def nvml_state(index: int = 0, uuid: str | None = None) -> dict[str, Any]:
+    """GPU name, driver, clocks (current and maximum), power (and limit), temperature, clock-event
+    reasons and persistence mode from nvidia-ml-py, for the GPU torch calls ``index`` (matched by
+    ``uuid`` where given).
 
     Returns ``{"available": False, "reason": ...}`` where NVML cannot be used (no GPU, no driver).
     """
+    from .telemetry import Telemetry
+
+    t = Telemetry(index, uuid)
+    if not t.available:
+        return {"available": False, "reason": t.reason}
+
+    def text(v):
+        return v.decode() if isinstance(v, bytes) else v
+
+    snap = t.snapshot()
+    power_limit = t._get("nvmlDeviceGetEnforcedPowerLimit")
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception as exc:  # no library, no driver: recorded, not raised
-        return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
-    try:
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
-
-        def get(fn, *args):
-            try:
-                v = fn(h, *args)
-                return v.decode() if isinstance(v, bytes) else v
-            except Exception:
-                return None
-
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        return {
-            "available": True,
-            "name": get(pynvml.nvmlDeviceGetName),
-            "driver": driver.decode() if isinstance(driver, bytes) else driver,
-            "sm_clock_mhz": get(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM),
-            "mem_clock_mhz": get(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM),
-            "sm_clock_max_mhz": get(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM),
-            "mem_clock_max_mhz": get(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_MEM),
-            "power_w": (get(pynvml.nvmlDeviceGetPowerUsage) or 0) / 1000 or None,
-            "power_limit_w": (get(pynvml.nvmlDeviceGetEnforcedPowerLimit) or 0) / 1000 or None,
-            "temperature_c": get(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU),
-            "throttle_reasons": get(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons),
-            "persistence_mode": get(pynvml.nvmlDeviceGetPersistenceMode),
-        }
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+        driver = text(t.nvml.nvmlSystemGetDriverVersion())
+    except Exception:
+        driver = None
+    return {
+        **snap,
+        "matched_by": t.matched_by,
+        "name": text(t._get("nvmlDeviceGetName")),
+        "driver": driver,
+        "sm_clock_max_mhz": t._get("nvmlDeviceGetMaxClockInfo", t.nvml.NVML_CLOCK_SM),
+        "mem_clock_max_mhz": t._get("nvmlDeviceGetMaxClockInfo", t.nvml.NVML_CLOCK_MEM),
+        "power_limit_w": power_limit / 1000 if power_limit is not None else None,
+        "persistence_mode": t._get("nvmlDeviceGetPersistenceMode"),
+    }
 
 
 def collect_env(device: torch.device, repo: Path | None = None) -> dict[str, Any]:
@@ -120,9 +111,13 @@ def collect_env(device: torch.device, repo: Path | None = None) -> dict[str, Any
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(idx)
+        uuid = getattr(props, "uuid", None)
         env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                      "total_memory_bytes": props.total_memory, "multiprocessors": props.multi_processor_count}
-        env["nvml"] = nvml_state(idx)
+                      "total_memory_bytes": props.total_memory, "multiprocessors": props.multi_processor_count,
+                      "l2_cache_bytes": getattr(props, "L2_cache_size", None),
+                      "uuid": str(uuid) if uuid else None, "index": idx,
+                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        env["nvml"] = nvml_state(idx, str(uuid) if uuid else None)
     else:
         env["gpu"] = None
         env["nvml"] = nvml_state(0) if torch.cuda.is_available() else {"available": False,

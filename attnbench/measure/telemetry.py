@@ -35,11 +35,17 @@ def decode_reasons(mask: int | None) -> list[str]:
 
 
 class Telemetry:
-    """Reads one GPU's state through NVML; ``snapshot()`` never raises."""
+    """Reads one GPU's state through NVML; ``snapshot()`` never raises.
 
-    def __init__(self, index: int | None):
+    ``uuid`` (torch's ``get_device_properties(i).uuid``) finds the GPU that torch uses even when
+    ``CUDA_VISIBLE_DEVICES`` renumbers devices (NVML's indices are the driver's, not torch's); without
+    it, or if NVML does not know it, ``index`` is used.
+    """
+
+    def __init__(self, index: int | None, uuid: str | None = None):
         self.handle = None
         self.reason = "no CUDA device in use" if index is None else ""
+        self.matched_by = None
         if index is None:
             return
         try:
@@ -47,9 +53,20 @@ class Telemetry:
 
             pynvml.nvmlInit()
             self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         except Exception as exc:
             self.reason = f"NVML unavailable: {type(exc).__name__}: {exc}"
+            return
+        if uuid:
+            try:
+                name = uuid if str(uuid).startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+                self.handle, self.matched_by = pynvml.nvmlDeviceGetHandleByUUID(name), "uuid"
+            except Exception:
+                self.handle = None
+        if self.handle is None:
+            try:
+                self.handle, self.matched_by = pynvml.nvmlDeviceGetHandleByIndex(index), "index"
+            except Exception as exc:
+                self.reason = f"NVML has no device {index}: {type(exc).__name__}: {exc}"
 
     @property
     def available(self) -> bool:
