@@ -81,7 +81,7 @@ def attention_call(impl: str, resolution: int = 224, *, patch: int = 4, dim: int
     :class:`attnbench.ParamError` or :class:`attnbench.UnsupportedCaseError` on bad input.
     """
     from .measure import timing
-    from .runner import DTYPES, _builder, _make_call, _random_input, resolve_device, resolve_dtypes
+    from .runner import DTYPES, module_builder, make_call, random_input, resolve_device, resolve_dtypes
     from .suite import Case
 
     params = dict(params or {})
@@ -103,12 +103,12 @@ def attention_call(impl: str, resolution: int = 224, *, patch: int = 4, dim: int
                 resolution=resolution, patch=patch, shape="", grid_h=grid, grid_w=grid, batch=batch, dim=dim,
                 heads=heads, dtype=dtype, mode=mode, device=str(dev))
     torch.manual_seed(seed)
-    module = _builder(case)().to(device=dev, dtype=DTYPES[dtype])
+    module = module_builder(case)().to(device=dev, dtype=DTYPES[dtype])
     reason = module.supports(grid, grid) if hasattr(module, "supports") else None
     if reason:
         raise UnsupportedCaseError(f"{label} cannot take a {grid}x{grid} grid: {reason}")
-    x = _random_input(case, batch, seed)
-    call = _make_call(module, x, mode)
+    x = random_input(case, batch, seed)
+    call = make_call(module, x, mode)
     flush = timing.l2_flusher(dev) if l2_flush else None
 
     def fn() -> None:

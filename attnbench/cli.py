@@ -62,8 +62,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(store.summary_text(df))
     o = result.overhead
     print(f"\nrun folder: {result.run_dir}  ({result.measured} cells measured, {result.reused} reused; "
-          f"{o['wall_s']:.1f} s, of which {o['harness_s'] + o['peaks_s']:.1f} s ({100 * o['harness_fraction']:.1f}%) "
-          f"harness: building modules, counting FLOPs, measuring the device's peaks)")
+          f"{o['wall_s']:.1f} s, of which {o['harness_s']:.1f} s ({100 * o['harness_fraction']:.1f}%) "
+          f"harness: {o['cells_harness_s']:.1f} s building modules, counting FLOPs, telemetry; {o['peaks_s']:.1f} s "
+          f"device peaks; {o['other_s']:.1f} s the rest)")
     throttled = df[df.get("throttled", "").fillna("").astype(str) != ""] if "throttled" in df else df.iloc[:0]
     if len(throttled):
         print(f"attnbench: warning: {len(throttled)} cell(s) ran with the GPU throttled "

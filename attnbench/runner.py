@@ -1,5 +1,9 @@
 """Execute a suite: one measured row per cell, appended to the run folder as each cell ends.
 
+Time accounting: a row's ``measure_s`` is the time spent inside the implementation's calls (first
+call, warm-up, peak-memory call, timed calls); its ``harness_s`` is the rest of its ``cell_wall_s``
+(building the module, counting FLOPs, telemetry, freeing memory). ``run.jsonl`` sums them per session.
+
 Statuses: ``ok``; ``oom`` (out of memory); ``over_budget`` (predicted or found to exceed the cell's
 time or memory budget); ``unsupported`` (the implementation's ``supports`` check gave a reason, the
 device cannot run the dtype, or a pinned SDPA backend cannot take the cell); ``error`` (any other
@@ -109,8 +113,9 @@ class _OverBudget(Exception):
     pass
 
 
-def _make_call(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
-    """One forward (inference mode) or forward + backward (gradients cleared first) call."""
+def make_call(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    """The measured call: ``forward`` runs ``module(x)`` under inference mode; ``train`` clears the
+    gradients, runs the forward and back-propagates a fixed random output gradient."""
     if mode == "forward":
         module.eval()
 
@@ -172,7 +177,8 @@ def _sdpa_context(name: str):
     return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
 
 
-def _random_input(case: Case, batch: int, seed: int) -> torch.Tensor:
+def random_input(case: Case, batch: int, seed: int) -> torch.Tensor:
+    """The cell's input, (batch, grid_h, grid_w, dim), standard normal from ``seed`` (never zeros)."""
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.randn(batch, case.grid_h, case.grid_w, case.dim, generator=gen)  # never zeros
     return x.to(device=case.device, dtype=DTYPES[case.dtype])
@@ -184,16 +190,16 @@ def _find_max_batch(case: Case, module: torch.nn.Module, settings: SuiteModel, r
     limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
     batch, tries = case.batch, []
     if device.type == "cpu":  # an over-large CPU call swaps or is killed instead of raising: estimate first
-        x = _random_input(case, 1, settings.seed)
-        per_image, _ = memory.peak_memory_bytes(_make_call(module, x, case.mode), device)
+        x = random_input(case, 1, settings.seed)
+        per_image, _ = memory.peak_memory_bytes(make_call(module, x, case.mode), device)
         del x
         while batch > 1 and per_image == per_image and per_image * batch > limit:
             tries.append({"batch": batch, "fits": False, "why": "estimated memory over budget"})
             batch //= 2
     while True:
         try:
-            x = _random_input(case, batch, settings.seed)
-            _make_call(module, x, case.mode)()
+            x = random_input(case, batch, settings.seed)
+            make_call(module, x, case.mode)()
             del x
             tries.append({"batch": batch, "fits": True})
             break
@@ -221,9 +227,9 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
     row.update(sdpa_backend=settings.sdpa_backend, compiled=settings.compile,
                tf32=torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None)
     before = ctx.telemetry.snapshot() if ctx.telemetry else {"available": False}
-    module = x = call = None
+    module = x = call = t_measure = None
     try:
-        build = _builder(case)
+        build = module_builder(case)
         meta = flops_mod.build_meta(build, dtype)
         reason = meta.supports(case.grid_h, case.grid_w) if hasattr(meta, "supports") else None
         if reason:
@@ -237,13 +243,13 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
         _count(case, row, flops_mod.build_meta(build, dtype), build)
         if prior is not None and not settings.find_max_batch:
             _check_prediction(case, row, prior, settings)
-        x = _random_input(case, case.batch, settings.seed)
+        x = random_input(case, case.batch, settings.seed)
         if row.get("macs_fvcore") != row.get("macs_fvcore"):  # NaN: fvcore could not trace on meta
             row.update(flops_mod.count_fvcore(module.eval(), x))
         if settings.compile:
             module = torch.compile(module)
-        call = _make_call(module, x, case.mode)
-        row["harness_s"] = time.perf_counter() - t_cell
+        call = make_call(module, x, case.mode)
+        t_measure = time.perf_counter()
         with _sdpa_context(settings.sdpa_backend):
             # 1. first call, alone (with compile: the compilation); too slow already -> over budget
             first_s = _wall(call, device)
@@ -258,7 +264,10 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
             while sum(warm) / 1e3 < tm.warmup_s:
                 warm += timing.time_calls(call, device, max(1, len(warm)))
             row["warmup_calls"] = 1 + len(warm)
-            # 3. peak memory of one call
+            # 3. peak memory of one call, above what is held before it (stale gradients dropped first)
+            if case.mode == "train":
+                module.zero_grad(set_to_none=True)
+                x.grad = None
             row["peak_mem_bytes"], row["peak_mem_method"] = memory.peak_memory_bytes(call, device)
             # 4. the timed calls: CUDA events (L2 flushed before each), graph replays, or perf_counter
             timed, flush, method = call, ctx.flush, "perf_counter" if device.type == "cpu" else "cuda_events"
@@ -276,11 +285,14 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
                 raise _OverBudget(f"{tm.min_repeats} calls of {est_s * 1e3:.3g} ms exceed the {remaining_s:.3g} s "
                                   f"left of the cell budget of {budget_s:g} s")
             samples = timing.time_calls(timed, device, n, flush=flush)
+        row["measure_s"] = time.perf_counter() - t_measure
         row.update(timing.summarize(samples))
         row["latency_ms_samples"] = samples
         row.update(_derived(case, row, ctx.peaks))
     except _OverBudget as exc:
         row.update(status="over_budget", message=str(exc))
+        if t_measure is not None:
+            row["measure_s"] = time.perf_counter() - t_measure
     except Exception as exc:  # one failing cell never ends the sweep
         text = str(exc).splitlines()[0][:300] if str(exc) else ""
         if _is_oom(exc):
@@ -306,6 +318,7 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
             row.update(telemetry_mod.flatten("gpu_after", after))
             row["throttled"] = ",".join(telemetry_mod.throttled(before, after))
         row["cell_wall_s"] = time.perf_counter() - t_cell
+        row["harness_s"] = row["cell_wall_s"] - row.get("measure_s", 0.0)
     return row
 
 
@@ -474,11 +487,15 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
         if bar is not None:
             bar.close()
         new = [r for r in rows if r.get("session") == session]
-        overhead = {"session": session, "wall_s": time.perf_counter() - t_run, "cells_measured": measured,
-                    "cells_reused": reused, "cells_wall_s": sum(r.get("cell_wall_s") or 0 for r in new),
-                    "harness_s": sum(r.get("harness_s") or 0 for r in new), "peaks_s": peaks_s}
-        overhead["harness_fraction"] = ((overhead["harness_s"] + peaks_s) / overhead["wall_s"]
-                                        if overhead["wall_s"] > 0 else math.nan)
+        wall_s = time.perf_counter() - t_run
+        measure_s = sum(r.get("measure_s") or 0 for r in new)
+        overhead = {"session": session, "wall_s": wall_s, "cells_measured": measured, "cells_reused": reused,
+                    "measure_s": measure_s,  # inside the implementations' calls: first, warm-up, memory, timed
+                    "harness_s": wall_s - measure_s,  # everything else, broken down below
+                    "cells_harness_s": sum(r.get("harness_s") or 0 for r in new),  # build, FLOPs, telemetry, teardown
+                    "peaks_s": peaks_s}  # the device's matmul and copy peaks
+        overhead["other_s"] = overhead["harness_s"] - overhead["cells_harness_s"] - peaks_s  # env, storage, workers
+        overhead["harness_fraction"] = overhead["harness_s"] / wall_s if wall_s > 0 else math.nan
         with open(run_dir / "run.jsonl", "a") as f:
             f.write(json.dumps(overhead) + "\n")
     return RunResult(run_dir=run_dir, rows=rows, measured=measured, reused=reused, overhead=overhead)
@@ -494,7 +511,7 @@ def _base_row(case: Case) -> dict[str, Any]:
     }
 
 
-def _builder(case: Case) -> Callable[[], torch.nn.Module]:
+def module_builder(case: Case) -> Callable[[], torch.nn.Module]:
     """Builds the cell's module; in forward mode a module with ``reparameterize()`` is measured merged."""
     spec = registry.get_spec(case.impl)
     params = dict(case.params)
@@ -523,7 +540,7 @@ def measure_case_skipped(case: Case, status: str, message: str) -> dict[str, Any
     row = _base_row(case)
     row.update(status=status, message=message)
     try:
-        build = _builder(case)
+        build = module_builder(case)
         _count(case, row, flops_mod.build_meta(build, DTYPES[case.dtype]), build)
     except Exception as exc:
         row["count_message"] = f"{type(exc).__name__}: {exc}"

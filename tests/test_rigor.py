@@ -261,6 +261,13 @@ def test_overhead_is_accounted(tmp_path):
     o = json.loads((res.run_dir / "run.jsonl").read_text().splitlines()[-1])
     assert o == res.overhead and o["cells_measured"] == 4
     assert 0 < o["harness_s"] < o["wall_s"] and 0 < o["harness_fraction"] < 1
+    assert o["measure_s"] + o["harness_s"] == pytest.approx(o["wall_s"])
+    assert o["measure_s"] == pytest.approx(sum(r["measure_s"] for r in res.rows))
+    assert o["cells_harness_s"] + o["peaks_s"] + o["other_s"] == pytest.approx(o["harness_s"])
+    for r in res.rows:
+        assert r["measure_s"] > 0 and r["harness_s"] > 0
+        assert r["measure_s"] + r["harness_s"] == pytest.approx(r["cell_wall_s"])
+        assert r["measure_s"] >= sum(r["latency_ms_samples"]) / 1e3  # the timed calls are inside it
     assert all(r["cpu_threads"] == torch.get_num_threads() for r in res.rows)
 
 
