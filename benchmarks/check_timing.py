@@ -46,7 +46,8 @@ def do_bench_median_ms(resolution: int) -> float:
         with torch.inference_mode():
             module(x)
 
-    return float(triton.testing.do_bench(call, warmup=200, rep=1000, quantiles=[0.5]))
+    median = triton.testing.do_bench(call, warmup=200, rep=1000, quantiles=[0.5])
+    return float(median[0] if isinstance(median, (list, tuple)) else median)  # a list in some triton versions
 
 
 def main() -> int:
