@@ -15,8 +15,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 ls -1 .whl
 cat <<'MSG'
 
-Device run: carry [".whl"], and start the command with
+Device run: carry [".whl"]; the command
+  bash benchmarks/gpu_session.sh check $OUT     (GPU tests, check_timing)
+  bash benchmarks/gpu_session.sh suites $OUT    (the reference suites on the GPU)
+installs them into /tmp/site itself. By hand: start the command with
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit;
-then e.g.  python3 -m pytest -q -m gpu tests; python3 -m attnbench run suites/resolution_sweep.yaml --out $OUT/run;
-python3 benchmarks/check_timing.py --out $OUT/check_timing
 MSG
