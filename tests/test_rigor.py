@@ -305,3 +305,14 @@ def test_train_mode_has_its_own_latency_and_memory(tmp_path):
     assert by_mode["train"]["latency_ms_median"] > 1.5 * by_mode["forward"]["latency_ms_median"]
     if by_mode["train"]["peak_mem_method"] == "rss_hwm_delta":
         assert by_mode["train"]["peak_mem_bytes"] > by_mode["forward"]["peak_mem_bytes"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_check_timing_without_gpu_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_timing.py"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr and "--device cpu" in p.stderr
+    assert "Traceback" not in p.stderr
