@@ -137,5 +137,6 @@ print('NO_TORCH')
     assert r.returncode == 0, r.stderr
     assert "NO_TORCH" in r.stdout and "local.im2col(kernel=9)" in r.stdout
     html = (ref / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(list((ref / "plots").glob("*.png"))) == 6
+    assert html.count("data:image/png;base64,") == len(list((ref / "plots").glob("*.png"))) == 7
+    assert "roofline-float32-forward.png" in html
     assert "local.shift_dwconv over local.im2col (kernel=3)" in html
