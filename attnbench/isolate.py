@@ -9,6 +9,7 @@ back through a pipe.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ def _worker(conn, case, settings, prior, errors_log, plugins, peaks, threads) ->
         for path in plugins:
             registry.load_plugin_file(path)
         ctx = RunContext.create(settings, torch.device(case.device), peaks)
+        gc.collect()
+        gc.freeze()  # as in the in-process runner: the cell's final gc.collect() scans only its own objects
         conn.send(measure_case(case, settings, prior, errors_log, ctx))
     except BaseException as exc:  # report, do not hang the parent
         conn.send({"__worker_error__": f"{type(exc).__name__}: {exc}"})

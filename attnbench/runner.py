@@ -448,6 +448,11 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(cases), unit="cell", dynamic_ncols=True, disable=None)  # None: off when not a terminal
+    # Every cell ends with gc.collect() (cyclic garbage can hold tensors). Freezing what exists now
+    # (torch, timm, fvcore: a large heap that lives for the run) keeps those collections to the
+    # cell's own objects: about 0.2 s less harness time per cell.
+    gc.collect()
+    gc.freeze()
     try:
         for case in cases:
             if bar is not None:
@@ -484,6 +489,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
                 bar.set_postfix_str(row["status"])
                 bar.update(1)
     finally:
+        gc.unfreeze()
         if bar is not None:
             bar.close()
         new = [r for r in rows if r.get("session") == session]
