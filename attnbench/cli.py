@@ -70,6 +70,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"attnbench: warning: {len(throttled)} cell(s) ran with the GPU throttled "
               f"({', '.join(sorted(set(','.join(throttled['throttled']).split(','))))}); see the throttled column",
               file=sys.stderr)
+    if "drift" in df:
+        drifted = df[(df["status"] == "ok") & df["drift"].fillna(False).astype(bool)]
+        if len(drifted):
+            speeds = drifted["device_speed"]
+            print(f"attnbench: warning: {len(drifted)} cell(s) were measured while the device ran at "
+                  f"{speeds.min():.2f}x to {speeds.max():.2f}x its speed at the start of the run (sentinel matmul); "
+                  "see the device_speed column", file=sys.stderr)
     failed = df[df["status"].isin(["error"])]
     if len(failed):
         print(f"attnbench: {len(failed)} cell(s) raised; see {result.run_dir / 'errors.log'}", file=sys.stderr)

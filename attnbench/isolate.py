@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _worker(conn, case, settings, prior, errors_log, plugins, peaks, threads) -> None:
+def _worker(conn, case, settings, prior, errors_log, plugins, peaks, threads, sentinel_start) -> None:
     try:
         import torch
 
@@ -27,7 +27,7 @@ def _worker(conn, case, settings, prior, errors_log, plugins, peaks, threads) ->
             torch.set_num_threads(threads)
         for path in plugins:
             registry.load_plugin_file(path)
-        ctx = RunContext.create(settings, torch.device(case.device), peaks)
+        ctx = RunContext.create(settings, torch.device(case.device), peaks, sentinel_start)
         gc.collect()
         gc.freeze()  # as in the in-process runner: the cell's final gc.collect() scans only its own objects
         conn.send(measure_case(case, settings, prior, errors_log, ctx))
@@ -38,12 +38,13 @@ def _worker(conn, case, settings, prior, errors_log, plugins, peaks, threads) ->
 
 
 def measure_in_worker(case, settings, prior, errors_log: Path | None, plugins: list[str],
-                      peaks: dict[str, Any] | None, timeout_s: float, base_row: dict[str, Any]) -> dict[str, Any]:
+                      peaks: dict[str, Any] | None, timeout_s: float, base_row: dict[str, Any],
+                      sentinel_start: float | None = None) -> dict[str, Any]:
     """Measure ``case`` in a spawned process; return its row, or ``base_row`` marked timeout/crashed."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_worker, daemon=True, args=(child, case, settings, prior, errors_log, plugins, peaks,
-                                                          settings.threads))
+                                                          settings.threads, sentinel_start))
     t0 = time.perf_counter()
     proc.start()
     child.close()

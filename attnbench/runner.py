@@ -37,6 +37,7 @@ from .measure import flops as flops_mod
 from .measure import memory, timing
 from .measure import telemetry as telemetry_mod
 from .measure.env import collect_env
+from .measure import peaks as peaks_mod
 from .measure.peaks import measure_peaks
 from .measure.telemetry import Telemetry
 from .isolate import measure_in_worker
@@ -153,15 +154,23 @@ class RunContext:
     flush: Callable[[], object] | None = None
     telemetry: Telemetry | None = None
     peaks: dict[str, Any] | None = None
+    sentinel_start: float | None = None  # the sentinel's TFLOP/s at the start of the run (None: off)
 
     @classmethod
-    def create(cls, settings: SuiteModel, device: torch.device, peaks: dict[str, Any] | None = None) -> "RunContext":
+    def create(cls, settings: SuiteModel, device: torch.device, peaks: dict[str, Any] | None = None,
+               sentinel_start: float | None = None) -> "RunContext":
+        """``sentinel_start``: the run's reference speed when it is already known (isolated workers)."""
+        if settings.timing.sentinel and sentinel_start is None:
+            sentinel_start = peaks_mod.sentinel_tflops(device)
+        if not settings.timing.sentinel:
+            sentinel_start = None
         flush = timing.l2_flusher(device) if settings.timing.l2_flush else None
         index = uuid = None
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        return cls(device=device, flush=flush, telemetry=Telemetry(index, str(uuid) if uuid else None), peaks=peaks)
+        return cls(device=device, flush=flush, telemetry=Telemetry(index, str(uuid) if uuid else None), peaks=peaks,
+                   sentinel_start=sentinel_start)
 
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -249,6 +258,10 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
         if settings.compile:
             module = torch.compile(module)
         call = make_call(module, x, case.mode)
+        if ctx.sentinel_start:  # the device's speed now, relative to the start of the run
+            row["sentinel_tflops"] = peaks_mod.sentinel_tflops(device)
+            row["device_speed"] = row["sentinel_tflops"] / ctx.sentinel_start
+            row["drift"] = abs(row["device_speed"] - 1) > peaks_mod.DRIFT_TOLERANCE
         t_measure = time.perf_counter()
         with _sdpa_context(settings.sdpa_backend):
             # 1. first call, alone (with compile: the compilation); too slow already -> over budget
@@ -436,6 +449,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
     env["peaks"] = measure_peaks(dev, runnable) if settings.measure_peaks else None
     peaks_s = time.perf_counter() - t_peaks
     ctx = RunContext.create(settings, dev, env["peaks"])
+    env["sentinel_tflops_start"] = ctx.sentinel_start
     (run_dir / (store.ENV_FILE if session == 0 else f"env.{session}.json")).write_text(json.dumps(env, indent=2, default=str))
     if session == 0:
         (run_dir / "suite.yaml").write_text(yaml.safe_dump(suite.raw, sort_keys=False))
@@ -470,7 +484,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
                 elif settings.isolation == "process":
                     row = measure_in_worker(case, settings, priors.get(case.series), run_dir / "errors.log",
                                             suite.plugin_paths, env["peaks"], settings.budget.cell_timeout_s,
-                                            _base_row(case))
+                                            _base_row(case), ctx.sentinel_start)
                 else:
                     row = measure_case(case, settings, priors.get(case.series), run_dir / "errors.log", ctx)
                 row["session"] = session

@@ -27,7 +27,8 @@ BASE_COLUMNS = [
     "flops_torch", "flops_torch_fwd_bwd", "peak_mem_bytes", "peak_mem_method", "latency_ms_median",
     "latency_ms_iqr", "latency_ms_min", "latency_ms_p10", "latency_ms_p90", "latency_n", "noisy",
     "throughput_img_s", "throughput_tok_s", "tflops_achieved", "peak_fraction", "timing_method", "l2_flush",
-    "sdpa_backend", "compiled", "compile_s", "tf32", "telemetry", "throttled", "cpu_threads", "cell_id",
+    "sdpa_backend", "compiled", "compile_s", "tf32", "telemetry", "throttled", "device_speed", "drift", "cpu_threads",
+    "cell_id",
 ]
 
 
@@ -163,7 +164,7 @@ def _where(r: pd.Series) -> str:
 
 
 def attention_cells(df: pd.DataFrame) -> list[dict[str, str]]:
-    """Every failed, skipped, noisy or throttled cell: dicts with kind, status, cell and detail."""
+    """Every failed, skipped, noisy, throttled or drifted cell: dicts with kind, status, cell and detail."""
     out = []
     for _, r in df.iterrows():
         where = _where(r)
@@ -180,6 +181,10 @@ def attention_cells(df: pd.DataFrame) -> list[dict[str, str]]:
         throttled = r.get("throttled")
         if isinstance(throttled, str) and throttled:
             out.append({"kind": "throttled", "status": "ok", "cell": where, "detail": throttled})
+        if r.get("drift") is True:
+            out.append({"kind": "drift", "status": "ok", "cell": where,
+                        "detail": f"the device ran at {r['device_speed']:.2f}x its speed at the start of the run "
+                                  "(sentinel matmul)"})
     return out
 
 

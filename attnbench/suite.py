@@ -48,6 +48,7 @@ class TimingSettings(_Strict):
     max_repeats: PosInt = 100
     l2_flush: bool = True  # GPU: evict L2 before each timed call
     cuda_graph: bool = False  # GPU, forward mode: time replays of a captured CUDA graph
+    sentinel: bool = True  # time a fixed small matmul before each cell: the device's speed drift over the run
 
 
 class BudgetSettings(_Strict):

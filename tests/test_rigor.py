@@ -81,6 +81,10 @@ def test_isolated_hang_and_crash_become_rows(tmp_path):
     assert st[("toy.crash", 64)]["status"] == "crashed"  # a crash does not block larger cells: each is tried
     assert all(st[("toy.proj", r)]["status"] == "ok" for r in (32, 48, 64))
     assert len(attnbench.load_results(res.run_dir)) == 9
+    # workers judge the device's speed against the parent's start, not their own
+    start = json.loads((res.run_dir / "env.json").read_text())["sentinel_tflops_start"]
+    proj = st[("toy.proj", 32)]
+    assert proj["device_speed"] == pytest.approx(proj["sentinel_tflops"] / start)
 
 
 # --- largest batch ----------------------------------------------------------------------------------
@@ -222,6 +226,31 @@ def test_throttled_cell_is_recorded_and_warned(tmp_path, monkeypatch, capsys):
     assert row["gpu_before_sm_clock_mhz"] == 1980 and row["gpu_after_temperature_c"] == 61
     assert row["gpu_after_clock_event_reasons"] == "sw_thermal_slowdown"
     assert "ran with the GPU throttled (sw_thermal_slowdown)" in capsys.readouterr().err
+
+
+def test_sentinel_records_device_speed_and_flags_drift(tmp_path, monkeypatch, capsys):
+    from attnbench import cli, store
+
+    assert peaks.sentinel_tflops(torch.device("cpu")) > 0
+    speeds = iter([1.0, 1.0, 0.7])  # the run's start, then one sentinel per cell: the second cell ran slow
+
+    monkeypatch.setattr(peaks, "sentinel_tflops", lambda device, repeats=5: next(speeds))
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps({"name": "t", "device": "cpu", "dim": 16, "heads": 2, "resolution": [32, 48],
+                                "impls": ["mha.sdpa"], "timing": FAST, "measure_peaks": False}))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    df = attnbench.load_results(tmp_path / "r")
+    assert list(df["device_speed"]) == [1.0, 0.7] and list(df["drift"]) == [False, True]
+    env = json.loads((tmp_path / "r" / "env.json").read_text())
+    assert env["sentinel_tflops_start"] == 1.0
+    assert "1 cell(s) were measured while the device ran at 0.70x" in capsys.readouterr().err
+    assert any(line.startswith("drift: mha.sdpa 48px") and "0.70x" in line for line in store.attention_lines(df))
+
+
+def test_sentinel_can_be_turned_off(tmp_path):
+    res = run_suite(suite(["mha.sdpa"], timing={**FAST, "sentinel": False}), out=tmp_path / "r", progress=False)
+    assert "device_speed" not in res.rows[0]
+    assert json.loads((res.run_dir / "env.json").read_text())["sentinel_tflops_start"] is None
 
 
 # --- peaks and derived performance -----------------------------------------------------------------

@@ -232,12 +232,14 @@ def build_sections(run: plots.Run, pngs: list[Path]) -> list[tuple[str, str, Any
     sections.append(("plots", "Plots", pngs))
     cells = attention_cells(run.df)
     failed = [c for c in cells if c["kind"] == "failed"]
-    noisy = [c for c in cells if c["kind"] in ("noisy", "throttled")]
+    noisy = [c for c in cells if c["kind"] in ("noisy", "throttled", "drift")]
     skipped = [c for c in cells if c["kind"] == "skipped"]
     sections.append(("text", "Cells to look at",
                      f"{len(failed)} failed, {len(skipped)} not tried after a failure at a smaller size, "
                      f"{len([c for c in noisy if c['kind'] == 'noisy'])} noisy (IQR > 10% of the median), "
-                     f"{len([c for c in noisy if c['kind'] == 'throttled'])} throttled."))
+                     f"{len([c for c in noisy if c['kind'] == 'throttled'])} throttled, "
+                     f"{len([c for c in noisy if c['kind'] == 'drift'])} measured while the device's speed had "
+                     "drifted more than 10% from the start of the run."))
     if failed:
         sections.append(("table", "Failed cells", (["status", "cell", "message"],
                                                    [[c["status"], c["cell"], c["detail"]] for c in failed], 99)))
@@ -246,7 +248,7 @@ def build_sections(run: plots.Run, pngs: list[Path]) -> list[tuple[str, str, Any
                          (["status", "cell", "message"], [[c["status"], c["cell"], c["detail"]] for c in skipped],
                           99)))
     if noisy:
-        sections.append(("table", "Noisy or throttled cells", (["kind", "cell", "detail"],
+        sections.append(("table", "Noisy, throttled or drifted cells", (["kind", "cell", "detail"],
                                                                [[c["kind"], c["cell"], c["detail"]] for c in noisy],
                                                                99)))
     return sections

@@ -8,6 +8,11 @@ throttled, shared or power-capped device is judged against what it can do now.
   2 n^3 FLOPs each.
 - ``copy_gb_s``: median over repeated ``dst.copy_(src)`` of 1 GiB on CUDA (128 MiB on CPU), counted
   as read + write (2 x bytes) per copy.
+
+The *sentinel* is a small fixed matmul (bfloat16 4096^3 on CUDA, float32 512^3 on CPU) timed before
+every cell: its speed over the speed at the start of the run says whether the device itself got
+slower or faster while the sweep ran (clocks, power, a neighbour on a shared machine), a drift the
+within-cell ``noisy`` flag cannot see.
 """
 
 from __future__ import annotations
@@ -26,6 +31,23 @@ def _median_ms(fn, device: torch.device, repeats: int) -> float:
     fn()
     timing.time_calls(fn, device, 2)
     return float(np.median(timing.time_calls(fn, device, repeats)))
+
+
+DRIFT_TOLERANCE = 0.10  # a cell measured while the sentinel ran >10% off its start speed is flagged
+_sentinel_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def sentinel_tflops(device: torch.device, repeats: int = 5) -> float:
+    """TFLOP/s of the sentinel matmul now: median of ``repeats`` timed calls after one warm-up."""
+    key = str(device)
+    if key not in _sentinel_inputs:
+        n, dtype = (4096, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        _sentinel_inputs[key] = tuple(torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+                                      for _ in range(2))
+    a, b = _sentinel_inputs[key]
+    ms = _median_ms(lambda: torch.mm(a, b), device, repeats)
+    return 2 * a.shape[0] ** 3 / (ms / 1e3) / 1e12
 
 
 def measure_peaks(device: torch.device, dtypes: list[str], repeats: int = 10) -> dict[str, Any]:
