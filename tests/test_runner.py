@@ -49,7 +49,8 @@ def test_peak_memory_sees_the_attention_matrix(tmp_path):
     df = attnbench.load_results(res.run_dir).set_index("impl")
     logits_bytes = 2 * 1024 * 1024 * 4  # heads x N x N float32, N = 32 x 32
     if df.loc["mha.math", "peak_mem_method"] == "rss_hwm_delta":
-        assert df.loc["mha.math", "peak_mem_bytes"] >= 2 * logits_bytes
+        # two N x N buffers live at once (logits and their softmax); the RSS method is good to a few pages
+        assert df.loc["mha.math", "peak_mem_bytes"] >= 0.98 * 2 * logits_bytes
         assert df.loc["mha.sdpa", "peak_mem_bytes"] < logits_bytes
 
 
