@@ -73,10 +73,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if "drift" in df:
         drifted = df[(df["status"] == "ok") & df["drift"].fillna(False).astype(bool)]
         if len(drifted):
-            speeds = drifted["device_speed"]
-            print(f"attnbench: warning: {len(drifted)} cell(s) were measured while the device ran at "
-                  f"{speeds.min():.2f}x to {speeds.max():.2f}x its speed at the start of the run (sentinel matmul); "
-                  "see the device_speed column", file=sys.stderr)
+            lo, hi = drifted["device_speed"].min(), drifted["device_speed"].max()
+            speed = f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}x to {hi:.2f}x"
+            print(f"attnbench: warning: {len(drifted)} cell(s) were measured while the device ran at {speed} its "
+                  "speed at the start of the run (sentinel matmul, before and after the cell); see the device_speed "
+                  "column", file=sys.stderr)
     failed = df[df["status"].isin(["error"])]
     if len(failed):
         print(f"attnbench: {len(failed)} cell(s) raised; see {result.run_dir / 'errors.log'}", file=sys.stderr)

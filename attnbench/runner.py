@@ -237,6 +237,7 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
                tf32=torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None)
     before = ctx.telemetry.snapshot() if ctx.telemetry else {"available": False}
     module = x = call = t_measure = None
+    speeds: list[float] = []  # the sentinel's speed before and after the timed calls / its speed at the run's start
     try:
         build = module_builder(case)
         meta = flops_mod.build_meta(build, dtype)
@@ -258,10 +259,8 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
         if settings.compile:
             module = torch.compile(module)
         call = make_call(module, x, case.mode)
-        if ctx.sentinel_start:  # the device's speed now, relative to the start of the run
-            row["sentinel_tflops"] = peaks_mod.sentinel_tflops(device)
-            row["device_speed"] = row["sentinel_tflops"] / ctx.sentinel_start
-            row["drift"] = abs(row["device_speed"] - 1) > peaks_mod.DRIFT_TOLERANCE
+        if ctx.sentinel_start:  # the device's speed before the cell, relative to the start of the run
+            speeds.append(peaks_mod.sentinel_tflops(device) / ctx.sentinel_start)
         t_measure = time.perf_counter()
         with _sdpa_context(settings.sdpa_backend):
             # 1. first call, alone (with compile: the compilation); too slow already -> over budget
@@ -299,6 +298,8 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
                                   f"left of the cell budget of {budget_s:g} s")
             samples = timing.time_calls(timed, device, n, flush=flush)
         row["measure_s"] = time.perf_counter() - t_measure
+        if ctx.sentinel_start:  # ... and after it
+            speeds.append(peaks_mod.sentinel_tflops(device) / ctx.sentinel_start)
         row.update(timing.summarize(samples))
         row["latency_ms_samples"] = samples
         row.update(_derived(case, row, ctx.peaks))
@@ -330,9 +331,23 @@ def measure_case(case: Case, settings: SuiteModel, prior: _Prior | None = None,
             row.update(telemetry_mod.flatten("gpu_before", before))
             row.update(telemetry_mod.flatten("gpu_after", after))
             row["throttled"] = ",".join(telemetry_mod.throttled(before, after))
+        if speeds:
+            row.update(_device_speed(speeds))
         row["cell_wall_s"] = time.perf_counter() - t_cell
         row["harness_s"] = row["cell_wall_s"] - row.get("measure_s", 0.0)
     return row
+
+
+def _device_speed(speeds: list[float]) -> dict[str, Any]:
+    """``device_speed``: geometric mean of the sentinel ratios before and after the cell; ``drift`` when every
+    ratio is off by more than the tolerance on the same side (a sustained change, not a blip in one reading)."""
+    tol = peaks_mod.DRIFT_TOLERANCE
+    out: dict[str, Any] = {"device_speed_before": speeds[0]}
+    if len(speeds) > 1:
+        out["device_speed_after"] = speeds[1]
+    out["device_speed"] = math.prod(speeds) ** (1 / len(speeds))
+    out["drift"] = all(s < 1 - tol for s in speeds) or all(s > 1 + tol for s in speeds)
+    return out
 
 
 def _check_prediction(case: Case, row: dict[str, Any], prior: _Prior, settings: SuiteModel) -> None:
