@@ -35,10 +35,9 @@ from . import registry, store
 from .errors import DeviceError, RunDirError, SuiteError
 from .measure import flops as flops_mod
 from .measure import memory, timing
+from .measure import peaks as peaks_mod
 from .measure import telemetry as telemetry_mod
 from .measure.env import collect_env
-from .measure import peaks as peaks_mod
-from .measure.peaks import measure_peaks
 from .measure.telemetry import Telemetry
 from .isolate import measure_in_worker
 from .suite import Case, Suite, SuiteModel, load_suite
@@ -160,10 +159,10 @@ class RunContext:
     def create(cls, settings: SuiteModel, device: torch.device, peaks: dict[str, Any] | None = None,
                sentinel_start: float | None = None) -> "RunContext":
         """``sentinel_start``: the run's reference speed when it is already known (isolated workers)."""
-        if settings.timing.sentinel and sentinel_start is None:
-            sentinel_start = peaks_mod.sentinel_tflops(device)
         if not settings.timing.sentinel:
             sentinel_start = None
+        elif sentinel_start is None:
+            sentinel_start = peaks_mod.sentinel_tflops(device)
         flush = timing.l2_flusher(device) if settings.timing.l2_flush else None
         index = uuid = None
         if device.type == "cuda":
@@ -461,7 +460,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
                only=only, device_requested=device or suite.model.device, isolation=settings.isolation)
     runnable = [d for d in dict.fromkeys(c.dtype for c in cases) if not dtype_problem(d, dev)]
     t_peaks = time.perf_counter()
-    env["peaks"] = measure_peaks(dev, runnable) if settings.measure_peaks else None
+    env["peaks"] = peaks_mod.measure_peaks(dev, runnable) if settings.measure_peaks else None
     peaks_s = time.perf_counter() - t_peaks
     ctx = RunContext.create(settings, dev, env["peaks"])
     env["sentinel_tflops_start"] = ctx.sentinel_start

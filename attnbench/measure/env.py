@@ -65,7 +65,7 @@ def nvml_state(index: int = 0, uuid: str | None = None) -> dict[str, Any]:
         return v.decode() if isinstance(v, bytes) else v
 
     snap = t.snapshot()
-    power_limit = t._get("nvmlDeviceGetEnforcedPowerLimit")
+    power_limit = t.query("nvmlDeviceGetEnforcedPowerLimit")
     try:
         driver = text(t.nvml.nvmlSystemGetDriverVersion())
     except Exception:
@@ -73,12 +73,12 @@ def nvml_state(index: int = 0, uuid: str | None = None) -> dict[str, Any]:
     return {
         **snap,
         "matched_by": t.matched_by,
-        "name": text(t._get("nvmlDeviceGetName")),
+        "name": text(t.query("nvmlDeviceGetName")),
         "driver": driver,
-        "sm_clock_max_mhz": t._get("nvmlDeviceGetMaxClockInfo", t.nvml.NVML_CLOCK_SM),
-        "mem_clock_max_mhz": t._get("nvmlDeviceGetMaxClockInfo", t.nvml.NVML_CLOCK_MEM),
+        "sm_clock_max_mhz": t.query("nvmlDeviceGetMaxClockInfo", t.nvml.NVML_CLOCK_SM),
+        "mem_clock_max_mhz": t.query("nvmlDeviceGetMaxClockInfo", t.nvml.NVML_CLOCK_MEM),
         "power_limit_w": power_limit / 1000 if power_limit is not None else None,
-        "persistence_mode": t._get("nvmlDeviceGetPersistenceMode"),
+        "persistence_mode": t.query("nvmlDeviceGetPersistenceMode"),
     }
 
 

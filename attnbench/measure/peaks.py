@@ -10,7 +10,7 @@ throttled, shared or power-capped device is judged against what it can do now.
   as read + write (2 x bytes) per copy.
 
 The *sentinel* is a small fixed matmul (bfloat16 4096^3 on CUDA, float32 512^3 on CPU) timed before
-every cell: its speed over the speed at the start of the run says whether the device itself got
+and after every cell's timed calls: its speed over the speed at the start of the run says whether the device itself got
 slower or faster while the sweep ran (clocks, power, a neighbour on a shared machine), a drift the
 within-cell ``noisy`` flag cannot see.
 """

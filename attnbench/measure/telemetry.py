@@ -72,7 +72,8 @@ class Telemetry:
     def available(self) -> bool:
         return self.handle is not None
 
-    def _get(self, name: str, *args: Any) -> Any:
+    def query(self, name: str, *args: Any) -> Any:
+        """NVML function ``name`` called on this GPU's handle; None when it is missing or fails."""
         fn = getattr(self.nvml, name, None)
         if fn is None:
             return None
@@ -85,16 +86,16 @@ class Telemetry:
         if not self.available:
             return {"available": False, "reason": self.reason}
         n = self.nvml
-        mask = self._get("nvmlDeviceGetCurrentClocksEventReasons")
+        mask = self.query("nvmlDeviceGetCurrentClocksEventReasons")
         if mask is None:
-            mask = self._get("nvmlDeviceGetCurrentClocksThrottleReasons")
-        power = self._get("nvmlDeviceGetPowerUsage")
+            mask = self.query("nvmlDeviceGetCurrentClocksThrottleReasons")
+        power = self.query("nvmlDeviceGetPowerUsage")
         return {
             "available": True,
-            "sm_clock_mhz": self._get("nvmlDeviceGetClockInfo", n.NVML_CLOCK_SM),
-            "mem_clock_mhz": self._get("nvmlDeviceGetClockInfo", n.NVML_CLOCK_MEM),
+            "sm_clock_mhz": self.query("nvmlDeviceGetClockInfo", n.NVML_CLOCK_SM),
+            "mem_clock_mhz": self.query("nvmlDeviceGetClockInfo", n.NVML_CLOCK_MEM),
             "power_w": power / 1000 if power is not None else None,
-            "temperature_c": self._get("nvmlDeviceGetTemperature", n.NVML_TEMPERATURE_GPU),
+            "temperature_c": self.query("nvmlDeviceGetTemperature", n.NVML_TEMPERATURE_GPU),
             "clock_event_mask": mask,
             "clock_event_reasons": decode_reasons(mask),
         }
