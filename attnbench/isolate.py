@@ -48,23 +48,30 @@ def measure_in_worker(case, settings, prior, errors_log: Path | None, plugins: l
     t0 = time.perf_counter()
     proc.start()
     child.close()
-    row = None
+    row, timed_out = None, False
     try:
         if parent.poll(timeout_s):
-            row = parent.recv()
+            row = parent.recv()  # EOFError when the worker died: its end of the pipe closed
+        else:
+            timed_out = True
     except (EOFError, OSError):
         row = None
     finally:
         parent.close()
     elapsed = time.perf_counter() - t0
     if row is None:
-        if proc.is_alive():
+        if timed_out:
             proc.kill()
             proc.join(10)
             row = {**base_row, "status": "timeout",
                    "message": f"the worker did not finish within {timeout_s:g} s and was killed"}
         else:
+            # the pipe closed a moment before the process is reaped: wait for it rather than calling
+            # a dying worker a time-out
             proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
             code = proc.exitcode
             how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             row = {**base_row, "status": "crashed", "message": f"the worker process died ({how})"}

@@ -89,6 +89,13 @@ def test_isolated_hang_and_crash_become_rows(tmp_path):
     assert ctx.sentinel_start == 123.0  # given (as a worker is given the parent's), not measured again
 
 
+def test_isolated_worker_dying_slowly_is_crashed_not_timeout(tmp_path):
+    s = suite(["toy.lingers"], isolation="process", budget={"cell_timeout_s": 60})
+    row = run_suite(s, out=tmp_path / "r", progress=False).rows[0]
+    assert row["status"] == "crashed" and row["message"] == "the worker process died (exit code 3)"
+    assert row["worker_wall_s"] < 60
+
+
 # --- largest batch ----------------------------------------------------------------------------------
 
 def test_find_max_batch_halves_on_oom(tmp_path):

@@ -92,6 +92,22 @@ class ToyCrash(_Base):
         return self.proj(x)
 
 
+@attnbench.register("toy.lingers", family="toy")
+class ToyLingers(_Base):
+    """Closes its files (the worker's pipe among them), lingers 2 s, then exits with code 3: a dying
+    process that is still alive when its parent sees the pipe close."""
+
+    def forward(self, x):
+        if x.device.type != "meta":
+            import os
+            import time as _time
+
+            os.closerange(3, 4096)
+            _time.sleep(2)
+            os._exit(3)
+        return self.proj(x)
+
+
 @attnbench.register("toy.batchcap", family="toy")
 class ToyBatchCap(_Base):
     """Runs out of memory above a batch of 4."""
