@@ -80,33 +80,30 @@ def attention_call(impl: str, resolution: int = 224, *, patch: int = 4, dim: int
     mode. Raises :class:`BenchSetupError`, :class:`attnbench.UnknownImplError`,
     :class:`attnbench.ParamError` or :class:`attnbench.UnsupportedCaseError` on bad input.
     """
+    from .cell import Unsupported, check_supports, make_call, module_builder, random_input
+    from .device import TORCH_DTYPES, resolve_device, resolve_dtypes
+    from .errors import SuiteError
     from .measure import timing
-    from .runner import DTYPES, module_builder, make_call, random_input, resolve_device, resolve_dtypes
-    from .suite import Case
+    from .suite import parse_suite
 
     params = dict(params or {})
-    spec = registry.get_spec(impl)
-    registry.check_params(spec, params)
-    if mode not in ("forward", "train"):
-        raise BenchSetupError(f"mode must be 'forward' or 'train', got {mode!r}")
-    if resolution % patch:
-        raise BenchSetupError(f"resolution {resolution} is not a multiple of patch {patch}")
-    if dim % heads:
-        raise BenchSetupError(f"dim {dim} is not divisible by heads {heads}")
+    registry.check_params(registry.get_spec(impl), params)  # UnknownImplError / ParamError, as documented
     dev = resolve_device(device)
-    dtype = resolve_dtypes([dtype], dev)[0]
-    if dtype not in DTYPES:
-        raise BenchSetupError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
-    grid = resolution // patch
-    label = impl if not params else f"{impl}(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
-    case = Case(impl=impl, label=label, family=spec.family, params=tuple(sorted(params.items())),
-                resolution=resolution, patch=patch, shape="", grid_h=grid, grid_w=grid, batch=batch, dim=dim,
-                heads=heads, dtype=dtype, mode=mode, device=str(dev))
+    dtypes = resolve_dtypes([dtype], dev)
+    try:  # the suite's own validation: one cell, checked as a suite's would be
+        suite = parse_suite({"name": "bench", "device": str(dev), "dtype": dtypes, "mode": mode, "batch": batch,
+                             "dim": dim, "heads": heads, "patch": patch, "resolution": resolution,
+                             "impls": [{impl: params}], "seed": seed})
+    except SuiteError as exc:
+        raise BenchSetupError(str(exc).replace("<suite>: ", "", 1)) from None
+    case = suite.cases(str(dev), dtypes)[0]
+    build = module_builder(case)
+    try:
+        check_supports(case, build)
+    except Unsupported as exc:
+        raise UnsupportedCaseError(f"{case.label} cannot take a {case.grid_h}x{case.grid_w} grid: {exc}") from None
     torch.manual_seed(seed)
-    module = module_builder(case)().to(device=dev, dtype=DTYPES[dtype])
-    reason = module.supports(grid, grid) if hasattr(module, "supports") else None
-    if reason:
-        raise UnsupportedCaseError(f"{label} cannot take a {grid}x{grid} grid: {reason}")
+    module = build().to(device=dev, dtype=TORCH_DTYPES[case.dtype])
     x = random_input(case, batch, seed)
     call = make_call(module, x, mode)
     flush = timing.l2_flusher(dev) if l2_flush else None
@@ -120,12 +117,12 @@ def attention_call(impl: str, resolution: int = 224, *, patch: int = 4, dim: int
             flush()
         timing.synchronize(dev)
 
-    info = {"attnbench_impl": impl, "label": label, "params": params, "resolution": resolution, "patch": patch,
-            "tokens": grid * grid, "batch": batch, "dim": dim, "heads": heads, "dtype": dtype, "mode": mode,
+    info = {"attnbench_impl": impl, "label": case.label, "params": params, "resolution": resolution, "patch": patch,
+            "tokens": case.tokens, "batch": batch, "dim": dim, "heads": heads, "dtype": case.dtype, "mode": mode,
             "device": str(dev), "cell_id": case.cell_id, "params_count": sum(p.numel() for p in module.parameters()),
             "cpu_threads": torch.get_num_threads(), "l2_flush": flush is not None}
-    if hasattr(module, "flops_analytic"):
-        info["flops_analytic"] = int(module.flops_analytic(batch, grid, grid))
+    if registry.get_spec(impl).has("flops_analytic"):
+        info["flops_analytic"] = int(module.flops_analytic(batch, case.grid_h, case.grid_w))
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
     return AttentionCall(fn=fn, setup=setup, module=module, x=x, device=dev, info=info)

@@ -7,7 +7,6 @@ Exit codes: 0 success (a sweep with failed cells still succeeds: they are rows),
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -40,9 +39,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import store
+    from .analysis.summary import summary_text
+    from .device import dtype_problem
     from .runner import prepare, run_suite
-
-    from .runner import dtype_problem
 
     suite, dev, cases = prepare(args.suite, args.device, args.only)  # everything validated before running
     print(f"attnbench: suite {suite.name!r}: {len(cases)} cells on {dev}", file=sys.stderr)
@@ -59,7 +58,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("\nattnbench: interrupted; finished cells are saved, `--resume` measures the rest", file=sys.stderr)
         return EXIT_INTERRUPTED
     df = store.load_results(result.run_dir)
-    print(store.summary_text(df))
+    print(summary_text(df))
     o = result.overhead
     print(f"\nrun folder: {result.run_dir}  ({result.measured} cells measured, {result.reused} reused; "
           f"{o['wall_s']:.1f} s, of which {o['harness_s']:.1f} s ({100 * o['harness_fraction']:.1f}%) "
@@ -112,13 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'sra.*'")
     ls.add_argument("--plugin", action="append", type=Path, help="also load this plugin file")
     ls.set_defaults(func=_cmd_list)
-    for name in ("report", "regress"):  # analysis commands: show/plot/report, compare/check/baseline
-        try:
-            module = importlib.import_module(f"attnbench.cli_{name}")
-        except ModuleNotFoundError:
-            continue
+    for module in _command_modules():
         module.register(sub)
     return p
+
+
+def _command_modules() -> list:
+    """The modules that add subcommands (each has ``register(subparsers)``), listed explicitly: a module
+    that fails to import is an error, never a silently missing command."""
+    from . import cli_regress, cli_report  # show/plot/report; compare/check/baseline/export
+
+    return [cli_report, cli_regress]
 
 
 def main(argv: list[str] | None = None) -> int:

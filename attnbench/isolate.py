@@ -2,49 +2,37 @@
 
 A crash (a segfault, an abort, a killed process), a hang or a fragmented allocator then spoils only
 that cell: the parent records a row with status ``crashed`` or ``timeout`` and goes on. The worker
-is started with the ``spawn`` method (a clean interpreter, CUDA initialised afresh), loads the
-suite's plugin files, measures the cell exactly as the in-process runner does, and sends the row
-back through a pipe.
+is started with the ``spawn`` method (a clean interpreter, CUDA initialised afresh) and receives the
+same :class:`attnbench.job.Job` the in-process runner measures; :func:`attnbench.cell.run_job`
+loads the job's plugin files, applies its process-wide settings and measures the cell; the row
+comes back through a pipe.
 """
 
 from __future__ import annotations
 
-import gc
 import multiprocessing as mp
 import time
-from pathlib import Path
 from typing import Any
 
+from .cell import base_row, run_job
+from .job import Job
+from .schema import Status
 
-def _worker(conn, case, settings, prior, errors_log, plugins, peaks, threads, sentinel_start) -> None:
+
+def _worker(conn, job: Job) -> None:
     try:
-        import torch
-
-        from . import registry
-        from .runner import RunContext, measure_case
-
-        if threads:
-            torch.set_num_threads(threads)
-        for path in plugins:
-            registry.load_plugin_file(path)
-        ctx = RunContext.create(settings, torch.device(case.device), peaks, sentinel_start)
-        gc.collect()
-        gc.freeze()  # as in the in-process runner: the cell's final gc.collect() scans only its own objects
-        conn.send(measure_case(case, settings, prior, errors_log, ctx))
+        conn.send(run_job(job))
     except BaseException as exc:  # report, do not hang the parent
         conn.send({"__worker_error__": f"{type(exc).__name__}: {exc}"})
     finally:
         conn.close()
 
 
-def measure_in_worker(case, settings, prior, errors_log: Path | None, plugins: list[str],
-                      peaks: dict[str, Any] | None, timeout_s: float, base_row: dict[str, Any],
-                      sentinel_start: float | None = None) -> dict[str, Any]:
-    """Measure ``case`` in a spawned process; return its row, or ``base_row`` marked timeout/crashed."""
+def measure_in_worker(job: Job, timeout_s: float) -> dict[str, Any]:
+    """Measure ``job`` in a spawned process; return its row, or its base row marked timeout/crashed/error."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, daemon=True, args=(child, case, settings, prior, errors_log, plugins, peaks,
-                                                          settings.threads, sentinel_start))
+    proc = ctx.Process(target=_worker, daemon=True, args=(child, job))
     t0 = time.perf_counter()
     proc.start()
     child.close()
@@ -63,7 +51,7 @@ def measure_in_worker(case, settings, prior, errors_log: Path | None, plugins: l
         if timed_out:
             proc.kill()
             proc.join(10)
-            row = {**base_row, "status": "timeout",
+            row = {**base_row(job.case), "status": Status.TIMEOUT.value,
                    "message": f"the worker did not finish within {timeout_s:g} s and was killed"}
         else:
             # the pipe closed a moment before the process is reaped: wait for it rather than calling
@@ -74,11 +62,11 @@ def measure_in_worker(case, settings, prior, errors_log: Path | None, plugins: l
                 proc.join(10)
             code = proc.exitcode
             how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            row = {**base_row, "status": "crashed", "message": f"the worker process died ({how})"}
+            row = {**base_row(job.case), "status": Status.CRASHED.value, "message": f"the worker process died ({how})"}
     else:
         proc.join(10)
         if "__worker_error__" in row:
-            row = {**base_row, "status": "error", "message": f"worker: {row['__worker_error__']}"}
+            row = {**base_row(job.case), "status": Status.ERROR.value, "message": f"worker: {row['__worker_error__']}"}
     row["isolation"] = "process"
     row["worker_wall_s"] = elapsed
     return row

@@ -4,11 +4,16 @@ An implementation is an ``nn.Module`` subclass registered with :func:`register`.
 takes ``dim`` and ``heads`` and then keyword parameters with defaults; those defaults define the
 parameters a suite may set. ``forward`` maps x of shape (B, H, W, C) to (B, H', W', C).
 
-Optional methods the harness uses when present:
+The contract, :class:`AttentionImpl`, also names the optional methods the harness uses when a class
+defines them (:data:`OPTIONAL_METHODS`); which ones a class has is resolved once, at registration,
+into :attr:`ImplSpec.optional`:
 
 - ``flops_analytic(batch, height, width) -> int``: forward FLOPs of the matmul-type operations
   (linear, conv, the two attention matmuls), 2 FLOPs per multiply-accumulate.
 - ``supports(height, width) -> str | None``: a reason when the token grid cannot be taken.
+- ``reparameterize() -> nn.Module | None``: the merged inference form (a new module, or None after
+  merging in place); measured in ``forward`` mode, the training form in ``train`` mode.
+- ``output_size(height, width) -> (H', W')``: the output grid, when it differs from the input's.
 """
 
 from __future__ import annotations
@@ -21,11 +26,35 @@ import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from .errors import ParamError, PluginError, RegistryError, UnknownImplError
 
 ENTRY_POINT_GROUP = "attnbench.impls"
+
+
+@runtime_checkable
+class AttentionImpl(Protocol):
+    """What a registered class provides: ``__init__(self, dim, heads, **params_with_defaults)`` and
+    ``forward(x)``, x (B, H, W, C) -> (B, H', W', C). The methods of :class:`OptionalMethods` are
+    used where a class defines them."""
+
+    def forward(self, x: Any) -> Any: ...
+
+
+class OptionalMethods(Protocol):
+    """The optional part of the contract (see the module docstring for what each returns)."""
+
+    def flops_analytic(self, batch: int, height: int, width: int) -> int: ...
+
+    def supports(self, height: int, width: int) -> str | None: ...
+
+    def reparameterize(self) -> Any: ...
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]: ...
+
+
+OPTIONAL_METHODS = ("flops_analytic", "supports", "reparameterize", "output_size")
 
 
 @dataclass(frozen=True)
@@ -39,10 +68,17 @@ class ImplSpec:
     params: dict[str, Any] = field(default_factory=dict)  # parameter -> default
     description: str = ""
     source: str = "builtin"
+    optional: frozenset[str] = frozenset()  # the OPTIONAL_METHODS the class defines
 
     def build(self, dim: int, heads: int, **params: Any):
         check_params(self, params)
         return self.cls(dim=dim, heads=heads, **params)
+
+    def has(self, method: str) -> bool:
+        """Whether the class defines the optional method ``method`` (one of :data:`OPTIONAL_METHODS`)."""
+        if method not in OPTIONAL_METHODS:
+            raise KeyError(f"{method!r} is not an optional method of the contract ({', '.join(OPTIONAL_METHODS)})")
+        return method in self.optional
 
 
 _REGISTRY: dict[str, ImplSpec] = {}
@@ -77,10 +113,13 @@ def register(name: str, *, family: str | None = None, algorithm: str | None = No
     fam = family or name.split(".", 1)[0]
 
     def deco(cls: type) -> type:
+        if not callable(getattr(cls, "forward", None)):
+            raise RegistryError(f"{cls.__qualname__} has no forward method")
         doc = inspect.getdoc(cls) or ""
         spec = ImplSpec(name=name, family=fam, algorithm=algorithm or fam, cls=cls,
                         params=_params_of(cls), description=doc.strip().splitlines()[0] if doc else "",
-                        source=getattr(sys.modules.get(cls.__module__), "__attnbench_source__", source))
+                        source=getattr(sys.modules.get(cls.__module__), "__attnbench_source__", source),
+                        optional=frozenset(m for m in OPTIONAL_METHODS if callable(getattr(cls, m, None))))
         old = _REGISTRY.get(name)
         if old is not None and (old.cls.__qualname__, old.source) != (cls.__qualname__, spec.source):
             raise RegistryError(f"implementation {name!r} is registered twice "

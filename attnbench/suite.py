@@ -8,9 +8,7 @@ Each problem is a :class:`SuiteError` naming the file and the key path.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import itertools
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from . import registry
 from .errors import AttnbenchError, ParamError, SuiteError, UnknownImplError
+from .schema import DTYPE_BYTES, MODES, cell_id
 
 
 def _as_list(v: Any) -> Any:
@@ -31,8 +30,8 @@ def _listof(t: Any) -> Any:
 
 
 PosInt = Annotated[int, Field(gt=0)]
-DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
-ModeName = Literal["forward", "train"]
+DtypeName = Literal[("auto",) + tuple(DTYPE_BYTES)]  # type: ignore[valid-type]
+ModeName = Literal[MODES]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
@@ -41,6 +40,8 @@ class _Strict(BaseModel):
 
 class TimingSettings(_Strict):
     """How long to warm up and how many timed calls to make (chosen by time, within bounds)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     warmup_s: Annotated[float, Field(ge=0)] = 0.1
     target_s: Annotated[float, Field(gt=0)] = 0.5
@@ -53,6 +54,8 @@ class TimingSettings(_Strict):
 
 class BudgetSettings(_Strict):
     """Limits per cell: cells predicted or found to exceed them are recorded as ``over_budget``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     cell_time_s: Annotated[float, Field(gt=0)] = 30.0
     memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.6
@@ -161,9 +164,8 @@ class Case:
 
     @property
     def cell_id(self) -> str:
-        key = {k: v for k, v in asdict(self).items() if k not in ("label", "family", "shape", "grid_h", "grid_w")}
-        key["params"] = [list(p) for p in self.params]
-        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        """The cell's identity (:func:`attnbench.schema.cell_id`): resume, compare and baselines match on it."""
+        return cell_id(asdict(self))
 
 
 @dataclass

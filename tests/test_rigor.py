@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import attnbench
-from attnbench import runner
+from attnbench import device as device_mod
+from attnbench.analysis import summary
+from attnbench.cell import CellContext
+from attnbench.job import CellSettings
 from attnbench.measure import peaks, telemetry, timing
 from attnbench.runner import prepare, run_suite
 from attnbench.suite import parse_suite
@@ -45,7 +48,7 @@ def test_cuda_graph_and_flush_need_a_gpu():
 # --- dtypes ---------------------------------------------------------------------------------------
 
 def test_dtype_the_device_lacks_is_a_skip(tmp_path, monkeypatch):
-    monkeypatch.setitem(runner._dtype_problems, ("bfloat16", "cpu"), "bfloat16 is not supported by this toy device")
+    monkeypatch.setitem(device_mod._dtype_problems, ("bfloat16", "cpu"), "bfloat16 is not supported by this toy device")
     res = run_suite(suite(["mha.sdpa"], dtype=["float32", "bfloat16"]), out=tmp_path / "r", progress=False)
     st = {r["dtype"]: (r["status"], r["message"]) for r in res.rows}
     assert st["float32"] == ("ok", "")
@@ -53,7 +56,7 @@ def test_dtype_the_device_lacks_is_a_skip(tmp_path, monkeypatch):
 
 
 def test_no_runnable_dtype_is_bad_input(monkeypatch):
-    monkeypatch.setitem(runner._dtype_problems, ("float16", "cpu"), "float16 is not supported by this toy device")
+    monkeypatch.setitem(device_mod._dtype_problems, ("float16", "cpu"), "float16 is not supported by this toy device")
     with pytest.raises(attnbench.DeviceError, match="float16"):
         prepare(suite(["mha.sdpa"], dtype="float16"))
 
@@ -85,7 +88,7 @@ def test_isolated_hang_and_crash_become_rows(tmp_path):
     start = json.loads((res.run_dir / "env.json").read_text())["sentinel_tflops_start"]
     proj = st[("toy.proj", 32)]
     assert start > 0 and 0 < proj["device_speed"] < 10
-    ctx = runner.RunContext.create(s.model, torch.device("cpu"), None, sentinel_start=123.0)
+    ctx = CellContext.create(CellSettings.from_suite(s.model), torch.device("cpu"), None, sentinel_start=123.0)
     assert ctx.sentinel_start == 123.0  # given (as a worker is given the parent's), not measured again
 
 
@@ -141,7 +144,7 @@ def test_throttled_cells_are_listed():
     df = pd.DataFrame([{"label": "a", "resolution": 224, "shape": "", "tokens": 3136, "batch": 1, "dtype": "bfloat16",
                         "mode": "forward", "status": "ok", "message": "", "noisy": False, "throttled": "sw_power_cap",
                         "latency_ms_iqr": 0.1, "latency_ms_median": 1.0}])
-    assert store.attention_lines(df) == ["throttled: a 224px (3136 tokens) bfloat16 forward batch 1: sw_power_cap"]
+    assert summary.attention_lines(df) == ["throttled: a 224px (3136 tokens) bfloat16 forward batch 1: sw_power_cap"]
 
 
 class FakeNVML:
@@ -217,14 +220,14 @@ def test_throttled_cell_is_recorded_and_warned(tmp_path, monkeypatch, capsys):
     fake = FakeNVML()
     monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
     fake.mask = 0x20  # software thermal slowdown, in every snapshot
-    real_create = runner.RunContext.create
+    real_create = CellContext.create
 
-    def create(settings, device, peaks=None):  # a CPU run that reads the fake GPU's telemetry
-        ctx = real_create(settings, device, peaks)
+    def create(settings, device, peaks=None, sentinel_start=None):  # a CPU run that reads the fake GPU's telemetry
+        ctx = real_create(settings, device, peaks, sentinel_start)
         ctx.telemetry = telemetry.Telemetry(0)
         return ctx
 
-    monkeypatch.setattr(runner.RunContext, "create", create)
+    monkeypatch.setattr(CellContext, "create", create)
     path = tmp_path / "s.yaml"
     path.write_text(json.dumps({"name": "t", "device": "cpu", "dim": 16, "heads": 2, "resolution": [32],
                                 "impls": ["mha.sdpa"], "timing": FAST, "measure_peaks": False}))
@@ -257,7 +260,7 @@ def test_sentinel_records_device_speed_and_flags_drift(tmp_path, monkeypatch, ca
     env = json.loads((tmp_path / "r" / "env.json").read_text())
     assert env["sentinel_tflops_start"] == 1.0
     assert "1 cell(s) were measured while the device ran at 0.70x its speed" in capsys.readouterr().err
-    assert any(line.startswith("drift: mha.sdpa 48px") and "0.70x" in line for line in store.attention_lines(df))
+    assert any(line.startswith("drift: mha.sdpa 48px") and "0.70x" in line for line in summary.attention_lines(df))
 
 
 def test_sentinel_can_be_turned_off(tmp_path):

@@ -161,15 +161,15 @@ def test_default_run_folder_and_resume_latest(tmp_path):
 
 def test_inputs_are_not_zero(tmp_path, monkeypatch):
     seen = []
-    from attnbench import runner
+    from attnbench import cell
 
-    orig = runner.make_call
+    orig = cell.make_call
 
     def spy(module, x, mode):
         seen.append(x.detach().abs().mean().item())
         return orig(module, x, mode)
 
-    monkeypatch.setattr(runner, "make_call", spy)
+    monkeypatch.setattr(cell, "make_call", spy)
     run_suite(suite(["toy.proj"], resolution=(32,)), out=tmp_path / "r", progress=False)
     assert seen and all(v > 0.5 for v in seen)
 

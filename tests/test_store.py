@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from attnbench import store
+from attnbench.analysis import summary
 from conftest import ROOT
 
 
@@ -29,14 +30,14 @@ def test_load_results_columns_and_params(tmp_path):
     assert list(df.columns[:5]) == ["impl", "label", "family", "shape", "resolution"]
     assert "latency_ms_samples" not in df and "sr_ratio" in df and (df["sr_ratio"] == 2).all()
     assert "latency_ms_samples" in store.load_results(d, samples=True)
-    text = store.summary_text(df)
+    text = summary.summary_text(df)
     assert "OOM" in text and "1.5" in text and "cells: ok 1, oom 1" in text
 
 
 def test_summary_by_named_shape(tmp_path):
     rows = [_row(shape="S1", cell_id="1"), _row(shape="S2", dim=192, heads=6, resolution=224, cell_id="2",
                                                   latency_ms_median=0.7, noisy=True)]
-    table = store.pivot(store.load_results(_write(tmp_path, rows)), "latency_ms_median")
+    table = summary.table(store.load_results(_write(tmp_path, rows)), "latency_ms_median")
     assert list(table.columns) == ["S1", "S2"] and table.loc["a.b", "S2"] == "0.7~"
 
 

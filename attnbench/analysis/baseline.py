@@ -20,20 +20,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import store
+from .. import schema, store
 from ..errors import AttnbenchError
 
 DEFAULT_ROOT = Path("results") / "baselines"
 META_FILE = "baseline.json"
 RUN_FILES = (store.ROWS_FILE, store.ENV_FILE, "suite.yaml", "errors.log", "run.jsonl", META_FILE)
-COMPACT_FIELDS = (
-    "cell_id", "impl", "label", "family", "params", "resolution", "patch", "shape", "tokens", "grid_h", "grid_w",
-    "batch", "batch_requested", "dim", "heads", "dtype", "mode", "device", "status", "message", "schema_version",
-    "latency_ms_samples", "latency_ms_median", "latency_ms_iqr", "latency_ms_min", "latency_ms_p10",
-    "latency_ms_p90", "latency_n", "noisy", "timing_method", "l2_flush", "peak_mem_bytes", "peak_mem_method",
-    "flops_analytic", "flops_torch", "flops_torch_fwd_bwd", "macs_fvcore", "macs_fvcore_matmul", "params_count",
-    "reparameterized", "throughput_img_s", "throughput_tok_s", "cpu_threads", "sdpa_backend", "compiled", "tf32",
-)
+COMPACT_FIELDS = schema.COMPACT  # the columns a compact baseline keeps (declared in attnbench.schema)
 
 
 class BaselineError(AttnbenchError):

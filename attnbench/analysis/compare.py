@@ -29,8 +29,6 @@ cell together) by more than ``max_slowdown`` for it to fail.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,22 +36,25 @@ from typing import Any
 
 import numpy as np
 
-from .. import store
+from .. import schema, store
 from ..errors import AttnbenchError
+from ..measurement import Latency, median_ms
 
 DEFAULT_ALPHA = 0.01
 DEFAULT_MIN_EFFECT = 0.05
 DEFAULT_MEMORY_GROWTH = 0.05
 MEMORY_FLOOR_BYTES = {"rss_hwm_delta": 2 * 2**20, "cuda_allocator_peak_delta": 64 * 2**10}
 DEFAULT_MEMORY_FLOOR = 2 * 2**20
-EXACT_METRICS = ("flops_analytic", "flops_torch", "flops_torch_fwd_bwd", "macs_fvcore", "params_count")
-IDENTITY = ("impl", "params", "resolution", "patch", "batch", "dim", "heads", "dtype", "mode", "device")
+EXACT_METRICS = schema.EXACT  # deterministic: any difference is a change
+INFO_METRICS = schema.INFO  # shown side by side, never a verdict
+IDENTITY = schema.IDENTITY_FIELDS
 MIN_CELLS_TO_NORMALIZE = 4
 
 SLOWER, FASTER, SAME = "slower", "faster", "no significant change"
 BIGGER, SMALLER = "bigger", "smaller"
 CHANGED, EQUAL = "changed", "equal"
 WORSE, BETTER = "worse", "better"
+SHOWN = "shown, not judged"  # an info column
 
 
 class CompareError(AttnbenchError):
@@ -79,7 +80,7 @@ class MetricResult:
 
     @property
     def significant(self) -> bool:
-        return self.verdict not in (SAME, EQUAL)
+        return self.verdict not in (SAME, EQUAL, SHOWN)
 
 
 @dataclass
@@ -121,13 +122,7 @@ class Failure:
 
 # --- matching -------------------------------------------------------------------------------------
 
-def cell_key(row: dict[str, Any]) -> str:
-    """The row's ``cell_id``, or the same identity hashed from its fields when the row has none."""
-    if row.get("cell_id"):
-        return str(row["cell_id"])
-    ident = {k: row.get(k) for k in IDENTITY}
-    ident["params"] = sorted((row.get("params") or {}).items())
-    return "k" + hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:15]
+cell_key = schema.row_key  # the row's cell_id, or the same identity hashed from its fields
 
 
 def describe(row: dict[str, Any]) -> str:
@@ -169,18 +164,13 @@ def _num(v: Any) -> float | None:
 
 
 def _samples(row: dict[str, Any]) -> np.ndarray | None:
-    s = row.get("latency_ms_samples")
-    if not s:
-        return None
-    a = np.asarray([x for x in s if x is not None], dtype=float)
-    a = a[np.isfinite(a)]
-    return a if a.size else None
+    lat = Latency.from_row(row)
+    return np.asarray(lat.samples_ms, dtype=float) if lat is not None else None
 
 
 def _median(row: dict[str, Any], samples: np.ndarray | None = None) -> float | None:
     """Median latency (ms) of the raw samples, or the row's recorded median when it has none."""
-    samples = _samples(row) if samples is None else samples
-    return float(np.median(samples)) if samples is not None else _num(row.get("latency_ms_median"))
+    return float(np.median(samples)) if samples is not None else median_ms(row)
 
 
 def mann_whitney_p(a: np.ndarray, b: np.ndarray) -> float:
@@ -337,6 +327,11 @@ def compare_runs(base_dir: str | Path, new_dir: str | Path, alpha: float = DEFAU
             ex = exact_result(metric, b, n)
             if ex is not None:
                 cc.metrics.append(ex)
+        for metric in INFO_METRICS:
+            vb, vn = _num(b.get(metric)), _num(n.get(metric))
+            if vb is not None or vn is not None:
+                cc.metrics.append(MetricResult(metric, vb, vn, vn / vb if vb and vn is not None else None,
+                                               verdict=SHOWN))
         cells.append(cc)
     cmp = Comparison(Path(base_dir), Path(new_dir), cells, only_base, only_new, alpha, min_effect, memory_growth,
                      _env_notes(env_b, env_n), speed, memory_floor_bytes)

@@ -32,10 +32,9 @@ registered implementation, lighter to darker (and another marker) across its par
 from __future__ import annotations
 
 import colorsys
-import fnmatch
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +44,19 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
-from .. import store  # noqa: E402
-from ..errors import RunDirError  # noqa: E402
-from .fit import Fit, fit_exponent, theoretical_exponent  # noqa: E402
+from . import run as run_mod  # noqa: E402
+from .fit import Fit, theoretical_exponent  # noqa: E402
+from .run import (DEFAULT_PAIRS, FAILED, METRICS, Run, device_name, exponent_rows, fit_series,  # noqa: E402,F401
+                  metric_of, predicted, roofline_points, series_of, shape_order, speedups, _ok, _series_keys,
+                  _value, device_peaks)
 
 PLOTS_DIR = "plots"
 DPI = 100
-FAILED = ("oom", "over_budget", "unsupported", "error", "timeout", "crashed")
-PREDICTABLE = ("oom", "over_budget")  # failed for size: their latency is predicted like the runner does
 # status -> (marker, legend text)
 STATUS_MARKERS: dict[str, tuple[str, str]] = {
     "over_budget": ("X", "over budget"),
@@ -71,29 +69,8 @@ STATUS_MARKERS: dict[str, tuple[str, str]] = {
 SERIES_MARKERS = ["o", "s", "^", "v", "<", ">", "p", "h", "8", "d"]
 HUES = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
         "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
-DEFAULT_PAIRS: list[tuple[str, str]] = [("swin.shift_cyclic", "swin.shift_pad"), ("local.shift_dwconv", "local.im2col"),
-                                        ("mha.sdpa", "mha.math")]
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 AI_LABEL = ("arithmetic intensity (FLOP/byte)\nbytes = dtype size x (parameters + 2 x batch x tokens x dim): "
             "weights, input and output moved once")
-
-
-@dataclass(frozen=True)
-class Metric:
-    column: str
-    axis: str  # axis label with units
-    title: str
-    scale: float = 1.0
-    fit: bool = True  # fit and show the growth exponent
-    complete: bool = False  # counted for every cell, failed ones too (FLOPs)
-
-
-METRICS: dict[str, Metric] = {
-    "latency": Metric("latency_ms_median", "latency, median of timed calls (ms)", "latency"),
-    "memory": Metric("peak_mem_bytes", "peak memory of one call (MiB)", "peak memory", 2.0 ** 20),
-    "flops": Metric("flops_analytic", "FLOPs, analytic, forward, 2 per MAC (GFLOP)", "FLOPs", 1e9, complete=True),
-    "throughput": Metric("throughput_img_s", "throughput (images/s)", "throughput", fit=False),
-}
 
 
 @dataclass(frozen=True)
@@ -102,84 +79,7 @@ class Style:
     marker: str
 
 
-@dataclass
-class Run:
-    """A run folder read for analysis."""
-
-    path: Path
-    df: pd.DataFrame
-    env: dict[str, Any]
-    suite: dict[str, Any]
-    styles: dict[str, Style] = field(default_factory=dict)
-
-    @property
-    def by_shape(self) -> bool:
-        return bool(len(self.df)) and self.df["shape"].fillna("").astype(str).astype(bool).all()
-
-    @property
-    def name(self) -> str:
-        return str(self.suite.get("name") or self.path.name)
-
-    def groups(self) -> list[tuple[str, str, pd.DataFrame]]:
-        """(dtype, mode, rows) in the order they appear in the run."""
-        keys = list(dict.fromkeys(zip(self.df["dtype"].astype(str), self.df["mode"].astype(str))))
-        return [(d, m, self.df[(self.df["dtype"].astype(str) == d) & (self.df["mode"].astype(str) == m)])
-                for d, m in keys]
-
-
-_NUMERIC = ["tokens", "resolution", "batch", "dim", "heads", "params_count", "flops_analytic", "flops_torch",
-            "flops_torch_fwd_bwd", "macs_fvcore", "peak_mem_bytes", "latency_ms_median", "latency_ms_iqr",
-            "latency_ms_p10", "latency_ms_p90", "throughput_img_s", "throughput_tok_s", "tflops_achieved",
-            "peak_fraction", "patch"]
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Read a run folder (rows, env.json, suite.yaml); :class:`RunDirError` if it is not one or has no rows."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise RunDirError(f"{path} is not a run folder (no such folder)")
-    df = store.load_results(path)
-    if df.empty:
-        raise RunDirError(f"{path} is a run folder without rows (nothing measured yet)")
-    df = df.copy()
-    for col in _NUMERIC + ["grid_h", "grid_w"]:
-        if col not in df.columns:
-            df[col] = math.nan
-        df[col] = pd.to_numeric(df[col], errors="coerce")
-    df["tokens"] = df["tokens"].fillna(df["grid_h"] * df["grid_w"])  # older rows
-    if "params" not in df.columns:
-        df["params"] = [{} for _ in range(len(df))]
-    df["params"] = [p if isinstance(p, dict) else {} for p in df["params"]]
-    df["status"] = df["status"].fillna("").astype(str)
-    df["message"] = df["message"].fillna("").astype(str)
-    df["shape"] = df["shape"].fillna("").astype(str)
-    df["label"] = [lab if isinstance(lab, str) and lab else str(imp) for lab, imp in zip(df["label"], df["impl"])]
-    df["noisy"] = [v is True or v == 1 for v in df["noisy"]]
-    for col in ("dtype", "mode"):
-        df[col] = df[col].fillna("?").astype(str)
-    env = store.read_env(path)
-    suite: dict[str, Any] = {}
-    if (path / "suite.yaml").is_file():
-        try:
-            loaded = yaml.safe_load((path / "suite.yaml").read_text())
-            suite = loaded if isinstance(loaded, dict) else {}
-        except yaml.YAMLError:
-            suite = {}
-    run = Run(path=path, df=df, env=env, suite=suite)
-    run.styles = label_styles(df)
-    return run
-
-
 # --------------------------------------------------------------------------------------------- colours
-
-
-def _param_key(params: dict[str, Any]) -> tuple:
-    out = []
-    for k in sorted(params):
-        v = params[k]
-        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
-        out.append((k, (0, float(v), "") if numeric else (1, 0.0, str(v))))
-    return tuple(out)
 
 
 def _shade(color: str, amount: float) -> str:
@@ -193,13 +93,9 @@ def _shade(color: str, amount: float) -> str:
 def label_styles(df: pd.DataFrame) -> dict[str, Style]:
     """label -> colour and marker, fixed for the whole run: a hue per implementation (in the order the run
     has them, i.e. the suite's), its parameter variants from lighter to darker with different markers."""
-    variants: dict[str, dict[str, tuple]] = {}
-    for impl, label, params in zip(df["impl"].astype(str), df["label"], df["params"]):
-        variants.setdefault(impl, {})[label] = _param_key(params if isinstance(params, dict) else {})
     styles = {}
-    for i, impl in enumerate(variants):  # the run's order: the suite's order of implementations
+    for i, labels in enumerate(run_mod.label_variants(df).values()):
         hue = HUES[i % len(HUES)]
-        labels = sorted(variants[impl], key=lambda lab: (variants[impl][lab], lab))
         m = len(labels)
         for j, label in enumerate(labels):
             amount = 0.0 if m == 1 else -0.35 + 0.75 * j / (m - 1)
@@ -207,22 +103,16 @@ def label_styles(df: pd.DataFrame) -> dict[str, Style]:
     return styles
 
 
+def load_run(run_dir: str | Path) -> Run:
+    """:func:`attnbench.analysis.run.load_run`, with the plots' colours and markers attached."""
+    run = run_mod.load_run(run_dir)
+    run.styles = label_styles(run.df)
+    return run
+
+
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def device_name(env: dict[str, Any], df: pd.DataFrame | None = None) -> str:
-    gpu = env.get("gpu")
-    if isinstance(gpu, dict) and gpu.get("name"):
-        return str(gpu["name"])
-    cpu = env.get("cpu") or {}
-    threads = None
-    if df is not None and "cpu_threads" in df and df["cpu_threads"].notna().any():
-        threads = int(pd.to_numeric(df["cpu_threads"], errors="coerce").dropna().mode().iloc[0])
-    threads = threads or (env.get("torch") or {}).get("num_threads")
-    dev = str(env.get("device") or (df["device"].iloc[0] if df is not None and len(df) else "cpu"))
-    if dev.startswith("cuda"):
-        return dev
-    return f"CPU {cpu.get('model') or ''}".strip() + (f", {threads} threads" if threads else "")
 
 
 def _constants(g: pd.DataFrame, by_shape: bool) -> str:
@@ -241,38 +131,14 @@ def title_for(run: Run, what: str, dtype: str, mode: str, g: pd.DataFrame) -> st
             + (f" · {extra}" if extra else ""))
 
 
-def _series_keys(g: pd.DataFrame, by_shape: bool = False) -> list[str]:
-    cols = ("batch",) if by_shape else ("batch", "dim", "heads")  # named shapes carry their own dim/heads
-    return [c for c in cols if g[c].nunique(dropna=True) > 1]
 
 
-def series_of(run: Run, g: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """(series name, label, rows sorted by tokens) within one (dtype, mode) group, in colour order."""
-    varying = _series_keys(g, run.by_shape)
-    order = {lab: i for i, lab in enumerate(run.styles)}
-    out = []
-    keys = ["label"] + varying
-    for key, rows in g.groupby(keys, sort=False, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        label = key[0]
-        name = label + "".join(f" {c[0]}{int(v)}" for c, v in zip(varying, key[1:]) if v == v)
-        out.append((name, label, rows.sort_values("tokens")))
-    out.sort(key=lambda t: (order.get(t[1], 1e9), t[0]))
-    return out
 
 
-def _value(rows: pd.DataFrame, metric: Metric) -> np.ndarray:
-    return rows[metric.column].to_numpy(dtype=float) / metric.scale
 
 
-def _ok(rows: pd.DataFrame) -> np.ndarray:
-    return (rows["status"] == "ok").to_numpy()
 
 
-def fit_series(rows: pd.DataFrame, metric: Metric) -> Fit | None:
-    """The growth exponent of one series for a metric: measured cells only, all cells for FLOPs."""
-    mask = np.ones(len(rows), bool) if metric.complete else _ok(rows)
-    return fit_exponent(rows["tokens"].to_numpy(dtype=float)[mask], _value(rows, metric)[mask])
 
 
 def _fit_text(fit: Fit | None, theory: float | None) -> str:
@@ -280,20 +146,6 @@ def _fit_text(fit: Fit | None, theory: float | None) -> str:
     return f"{fit.text()}{t}" if fit else f"k n/a, <3 points{t}"
 
 
-def _predicted(rows: pd.DataFrame, metric: Metric) -> dict[int, float]:
-    """index -> predicted value for over_budget/oom cells after a measured one (latency and throughput):
-    the last measured latency scaled by the FLOP ratio, the runner's own budget rule."""
-    if metric.column not in ("latency_ms_median", "throughput_img_s"):
-        return {}
-    out = {}
-    last = None
-    for idx, r in rows.iterrows():
-        if r["status"] == "ok" and r["latency_ms_median"] > 0 and r["flops_analytic"] > 0:
-            last = r
-        elif r["status"] in PREDICTABLE and last is not None and r["flops_analytic"] > 0:
-            lat = last["latency_ms_median"] * r["flops_analytic"] / last["flops_analytic"]
-            out[idx] = lat if metric.column == "latency_ms_median" else r["batch"] / (lat / 1e3)
-    return out
 
 
 def _token_axis(ax, run: Run, tokens: np.ndarray) -> None:
@@ -348,14 +200,6 @@ def _new_figure(width: float = 10.0, height: float = 5.6) -> tuple[Figure, Any]:
 # --------------------------------------------------------------------------------------- sweep figures
 
 
-def metric_of(key: str, g: pd.DataFrame) -> Metric:
-    """The metric to plot; FLOPs in train mode are torch's forward + backward count where the run has it."""
-    metric = METRICS[key]
-    if key == "flops" and (g["mode"] == "train").all() and "flops_torch_fwd_bwd" in g \
-            and (g["flops_torch_fwd_bwd"] > 0).all():
-        return Metric("flops_torch_fwd_bwd", "FLOPs, torch count, forward + backward, 2 per MAC (GFLOP)",
-                      "FLOPs (forward + backward)", 1e9, complete=True)
-    return metric
 
 
 def metric_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]]:
@@ -400,7 +244,7 @@ def metric_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) ->
                             fmt="none", ecolor=st.color, alpha=0.5, linewidth=1, zorder=2)
         all_y += list(y[show])
         # failed cells
-        predicted = _predicted(rows, metric)
+        predicted_at = predicted(rows, metric)
         pred_x, pred_y = [], []
         last_ok = None
         for (idx, r), t, v, is_ok in zip(rows.iterrows(), tokens, y, ok):
@@ -417,8 +261,8 @@ def metric_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) ->
                         markeredgecolor=st.color, markeredgewidth=1.5, zorder=4)
                 info["marked"].append({"label": label, "series": name, "tokens": t, "status": status, "value": v,
                                        "placement": "counted"})
-            elif idx in predicted:
-                pv = predicted[idx]
+            elif idx in predicted_at:
+                pv = predicted_at[idx]
                 pred_x.append(t)
                 pred_y.append(pv)
                 ax.plot([t], [pv], linestyle="none", marker=marker, markersize=8, markerfacecolor=st.color,
@@ -474,16 +318,6 @@ def metric_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) ->
     return fig, info
 
 
-def exponent_rows(run: Run, g: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per series of a (dtype, mode) group: fitted k for latency, memory, FLOPs, and the theory."""
-    out = []
-    for name, label, rows in series_of(run, g):
-        impl = str(rows["impl"].iloc[0])
-        out.append({"series": name, "label": label, "impl": impl,
-                    "latency": fit_series(rows, METRICS["latency"]), "memory": fit_series(rows, METRICS["memory"]),
-                    "flops": fit_series(rows, metric_of("flops", g)), "theory": theoretical_exponent(impl),
-                    "ok_points": int(_ok(rows).sum())})
-    return out
 
 
 def exponent_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]]:
@@ -537,70 +371,10 @@ def exponent_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[F
 # ------------------------------------------------------------------------------------------- pairs
 
 
-def pairs_of(run: Run) -> list[tuple[str, str]]:
-    """Default pairs, then the suite's ``pairs``: (candidate, baseline) names (labels or impl names)."""
-    out = list(DEFAULT_PAIRS)
-    for p in run.suite.get("pairs") or []:
-        if isinstance(p, (list, tuple)) and len(p) == 2:
-            t = (str(p[0]), str(p[1]))
-            if t not in out:
-                out.append(t)
-    return out
 
 
-def _pick(df: pd.DataFrame, name: str) -> pd.DataFrame:
-    exact = df[df["label"] == name]
-    return exact if len(exact) else df[df["impl"] == name]
 
 
-def speedups(run: Run, g: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Speed-up = baseline latency / candidate latency, cell by cell, for every pair present in the run.
-
-    Cells match on resolution (or shape), dtype, mode, batch, dim and heads, and on the implementation
-    parameters when both implementations take the same ones (``local.im2col(kernel=3)`` pairs with
-    ``local.shift_dwconv(kernel=3)``); implementations with different parameter sets pair variant by
-    variant. Only cells measured ``ok`` on both sides give a speed-up. Columns: pair, candidate,
-    baseline, dtype, mode, batch, dim, heads, resolution, shape, tokens, speedup, latency_candidate_ms,
-    latency_baseline_ms.
-    """
-    df = run.df if g is None else g
-    keys = ["dtype", "mode", "batch", "dim", "heads", "resolution", "shape", "tokens"]
-    frames = []
-    for cand, base in pairs_of(run):
-        c_all, b_all = _pick(df, cand), _pick(df, base)
-        if c_all.empty or b_all.empty:
-            continue
-        for cl, c in c_all.groupby("label", sort=False):
-            pc = c["params"].iloc[0]
-            for bl, b in b_all.groupby("label", sort=False):
-                if cl == bl:
-                    continue
-                pb = b["params"].iloc[0]
-                if set(pc) == set(pb) and pc != pb:
-                    continue
-                ci, bi = str(c["impl"].iloc[0]), str(b["impl"].iloc[0])
-                if pc == pb:
-                    name = f"{ci} over {bi}" + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(pc.items())) + ")"
-                                                if pc else "")
-                else:
-                    name = f"{cl} over {bl}"
-                m = pd.merge(c[c["status"] == "ok"][keys + ["latency_ms_median"]],
-                             b[b["status"] == "ok"][keys + ["latency_ms_median"]], on=keys,
-                             suffixes=("_candidate", "_baseline"))
-                if m.empty:
-                    continue
-                m = m.rename(columns={"latency_ms_median_candidate": "latency_candidate_ms",
-                                      "latency_ms_median_baseline": "latency_baseline_ms"})
-                m["speedup"] = m["latency_baseline_ms"] / m["latency_candidate_ms"]
-                m.insert(0, "baseline", bl)
-                m.insert(0, "candidate", cl)
-                m.insert(0, "pair", name)
-                frames.append(m)
-    if not frames:
-        return pd.DataFrame(columns=["pair", "candidate", "baseline"] + keys + ["latency_candidate_ms",
-                                                                              "latency_baseline_ms", "speedup"])
-    out = pd.concat(frames, ignore_index=True)
-    return out.drop_duplicates(subset=["pair"] + keys).sort_values(["pair", "tokens"], kind="stable")
 
 
 def speedup_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]] | None:
@@ -648,10 +422,6 @@ def span_ok(lo: float, hi: float) -> bool:
 # ------------------------------------------------------------------------------------ shape figures
 
 
-def _shape_order(run: Run, g: pd.DataFrame) -> list[str]:
-    names = [str(s.get("name", "")) for s in run.suite.get("shapes") or [] if isinstance(s, dict)]
-    present = list(dict.fromkeys(g["shape"]))
-    return [n for n in names if n in present] + [n for n in present if n not in names]
 
 
 def _shape_ticklabels(g: pd.DataFrame, shapes: list[str]) -> list[str]:
@@ -667,7 +437,7 @@ def bar_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tu
     """One metric per named shape (stage) as grouped bars; failed cells shown by their status."""
     metric = metric_of(key, g)
     timed = key in ("latency", "throughput")  # noisiness is a property of the timing
-    shapes = _shape_order(run, g)
+    shapes = shape_order(run, g)
     series = series_of(run, g)
     fig, ax = _new_figure(10.0, 5.2)
     width = 0.8 / max(len(series), 1)
@@ -730,7 +500,7 @@ def mcolors_patch(color: str, label: str, hatch: str | None = None, edge: str | 
 
 
 def _speedup_bars(run: Run, g: pd.DataFrame, sp: pd.DataFrame, dtype: str, mode: str):
-    shapes = _shape_order(run, g)
+    shapes = shape_order(run, g)
     pairs = list(dict.fromkeys(sp["pair"]))
     fig, ax = _new_figure(10.0, 5.0)
     width = 0.8 / len(pairs)
@@ -764,33 +534,8 @@ def _speedup_bars(run: Run, g: pd.DataFrame, sp: pd.DataFrame, dtype: str, mode:
 # ---------------------------------------------------------------------------------------- roofline
 
 
-def roofline_points(run: Run, g: pd.DataFrame) -> pd.DataFrame:
-    """Measured cells with their arithmetic intensity (FLOP/byte, see module doc) and achieved TFLOP/s."""
-    d = g[g["status"] == "ok"].copy()
-    if d.empty:
-        return d.assign(flops=[], bytes=[], ai=[], tflops=[])
-    flops = d["flops_torch"].copy()
-    if "flops_torch_fwd_bwd" in d:
-        train = d["mode"] == "train"
-        flops[train] = d.loc[train, "flops_torch_fwd_bwd"]
-    flops = flops.where(flops > 0, d["flops_analytic"])
-    nbytes = d["dtype"].map(DTYPE_BYTES).fillna(4) * (d["params_count"].fillna(0)
-                                                       + 2 * d["batch"] * d["tokens"] * d["dim"])
-    tflops = d["tflops_achieved"].where(d["tflops_achieved"] > 0, flops / (d["latency_ms_median"] / 1e3) / 1e12)
-    d["flops"], d["bytes"], d["ai"], d["tflops"] = flops, nbytes, flops / nbytes, tflops
-    return d[np.isfinite(d["ai"]) & np.isfinite(d["tflops"]) & (d["ai"] > 0) & (d["tflops"] > 0)]
 
 
-def device_peaks(env: dict[str, Any], dtype: str) -> tuple[float | None, float | None]:
-    """(matmul TFLOP/s of the dtype, copy GB/s) measured for the run, or None where absent."""
-    peaks = env.get("peaks") or {}
-    if not isinstance(peaks, dict):
-        return None, None
-    mm = (peaks.get("matmul_tflops") or {}).get(dtype)
-    bw = peaks.get("copy_gb_s")
-    mm = float(mm) if isinstance(mm, (int, float)) and mm > 0 else None
-    bw = float(bw) if isinstance(bw, (int, float)) and bw > 0 else None
-    return mm, bw
 
 
 def roofline_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]] | None:
@@ -852,6 +597,8 @@ def roofline_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[F
 
 def build_figures(run: Run) -> list[tuple[str, Figure, dict[str, Any]]]:
     """Every figure of a run as (file name, figure, what it shows), without writing anything."""
+    if not run.styles:
+        run.styles = label_styles(run.df)
     out = []
     for dtype, mode, g in run.groups():
         suffix = f"{dtype}-{mode}"
@@ -906,10 +653,3 @@ def save_png(fig: Figure, path: Path) -> None:
         path.write_bytes(buf.getvalue())
 
 
-def match_impl(df: pd.DataFrame, pattern: str | None) -> pd.Series:
-    """Rows whose impl or label matches one of the comma-separated shell patterns."""
-    if not pattern:
-        return pd.Series(True, index=df.index)
-    pats = [p.strip() for p in pattern.split(",") if p.strip()]
-    return df["impl"].astype(str).map(lambda s: any(fnmatch.fnmatchcase(s, p) for p in pats)) | \
-        df["label"].astype(str).map(lambda s: any(fnmatch.fnmatchcase(s, p) for p in pats))

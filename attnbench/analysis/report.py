@@ -20,9 +20,9 @@ from typing import Any
 import pandas as pd
 
 from ..errors import AttnbenchError
-from ..store import TABLES, attention_cells, summary_text, table  # shared with the run summary
-from . import plots
+from . import run as runs
 from .fit import Fit
+from .summary import TABLES, attention_cells, summary_text, table  # shared with the run summary
 
 REPORT_DIR = "report"
 
@@ -63,7 +63,7 @@ def _html_table(header: list[str], rows: list[list[str]], align_right_from: int 
 
 def _filter(df: pd.DataFrame, impl: str | None, resolution: str | int | None, dtype: str | None,
             mode: str | None) -> pd.DataFrame:
-    d = df[plots.match_impl(df, impl)]
+    d = df[runs.match_impl(df, impl)]
     if resolution is not None and str(resolution) != "":
         r = str(resolution)
         keep = d["shape"].astype(str) == r
@@ -82,7 +82,7 @@ def show_text(run_dir: str | Path, impl: str | None = None, resolution: str | in
     """The summary tables of a run (latency ms, peak memory MiB, FLOPs GFLOP, throughput img/s) for the
     cells matching the filters: ``impl`` comma-separated shell patterns on implementation or label,
     ``resolution`` an image side in px or a shape name, ``dtype``, ``mode``."""
-    run = plots.load_run(run_dir)
+    run = runs.load_run(run_dir)
     d = _filter(run.df, impl, resolution, dtype, mode)
     if d.empty:
         asked = ", ".join(f"{k}={v!r}" for k, v in (("impl", impl), ("resolution", resolution), ("dtype", dtype),
@@ -92,17 +92,17 @@ def show_text(run_dir: str | Path, impl: str | None = None, resolution: str | in
                 f"; dtypes {', '.join(dict.fromkeys(run.df['dtype']))}"
                 f"; modes {', '.join(dict.fromkeys(run.df['mode']))}")
         raise AttnbenchError(f"no cell of {run.path} matches {asked} (the run has {have})")
-    head = f"{run.name}: {plots.device_name(run.env, run.df)}, {len(d)} of {len(run.df)} cells"
+    head = f"{run.name}: {runs.device_name(run.env, run.df)}, {len(d)} of {len(run.df)} cells"
     return head + "\n\n" + summary_text(d)
 
 
 # ----------------------------------------------------------------------------------------- sections
 
 
-def environment_rows(run: plots.Run) -> list[list[str]]:
+def environment_rows(run: runs.Run) -> list[list[str]]:
     env = run.env
     t = env.get("torch") or {}
-    rows = [["device", plots.device_name(env, run.df)]]
+    rows = [["device", runs.device_name(env, run.df)]]
     gpu = env.get("gpu")
     if isinstance(gpu, dict):
         mem = gpu.get("total_memory_bytes")
@@ -149,14 +149,14 @@ def _fit_cell(f: Fit | None) -> str:
     return f"{f.k:.2f} ± {f.stderr:.2f}" if f else "-"
 
 
-def exponent_table(run: plots.Run) -> tuple[list[str], list[list[str]]]:
+def exponent_table(run: runs.Run) -> tuple[list[str], list[list[str]]]:
     header = ["series", "dtype", "mode", "latency k", "fit range (tokens)", "points", "FLOPs k", "memory k",
               "theory k"]
     rows = []
     if run.by_shape:
         return header, rows
     for dtype, mode, g in run.groups():
-        for r in plots.exponent_rows(run, g):
+        for r in runs.exponent_rows(run, g):
             lat: Fit | None = r["latency"]
             rows.append([r["series"], dtype, mode, _fit_cell(lat),
                          f"{lat.n_min:.0f}..{lat.n_max:.0f}" if lat else f"no fit ({r['ok_points']} measured)",
@@ -165,8 +165,8 @@ def exponent_table(run: plots.Run) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def speedup_table(run: plots.Run) -> tuple[list[str], list[list[str]]]:
-    sp = plots.speedups(run)
+def speedup_table(run: runs.Run) -> tuple[list[str], list[list[str]]]:
+    sp = runs.speedups(run)
     if sp.empty:
         return [], []
     col = "shape" if run.by_shape else "resolution"
@@ -177,7 +177,7 @@ def speedup_table(run: plots.Run) -> tuple[list[str], list[list[str]]]:
     if not run.by_shape:
         t = t[sorted(t.columns)]
     else:
-        t = t[[s for s in plots._shape_order(run, run.df) if s in t.columns]]
+        t = t[[s for s in runs.shape_order(run, run.df) if s in t.columns]]
     t.columns.name = col
     return _flat(t.fillna(""))
 
@@ -211,7 +211,7 @@ def _caption(name: str, by_shape: bool = False) -> str:
 # ------------------------------------------------------------------------------------------- report
 
 
-def build_sections(run: plots.Run, pngs: list[Path]) -> list[tuple[str, str, Any]]:
+def build_sections(run: runs.Run, pngs: list[Path]) -> list[tuple[str, str, Any]]:
     """The report as (kind, title, payload) sections, rendered to Markdown and HTML alike."""
     sections: list[tuple[str, str, Any]] = []
     sections.append(("table", "Environment", (["", ""], environment_rows(run), 99)))
@@ -254,9 +254,9 @@ def build_sections(run: plots.Run, pngs: list[Path]) -> list[tuple[str, str, Any
     return sections
 
 
-def _markdown(run: plots.Run, sections, generated: str) -> str:
+def _markdown(run: runs.Run, sections, generated: str) -> str:
     out = [f"# attnbench report: {run.name}", "",
-           f"{plots.device_name(run.env, run.df)} · run folder `{run.path}` · generated {generated} by "
+           f"{runs.device_name(run.env, run.df)} · run folder `{run.path}` · generated {generated} by "
            f"`attnbench report`", ""]
     for kind, title, payload in sections:
         if title:
@@ -284,12 +284,12 @@ figcaption { font-size: 0.85em; color: #555; }
 """
 
 
-def _html(run: plots.Run, sections, generated: str) -> str:
+def _html(run: runs.Run, sections, generated: str) -> str:
     e = html.escape
     out = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
            f"<title>attnbench report: {e(run.name)}</title>", f"<style>{CSS}</style></head><body>",
            f"<h1>attnbench report: {e(run.name)}</h1>",
-           f"<p>{e(plots.device_name(run.env, run.df))} · run folder <code>{e(str(run.path))}</code> · generated "
+           f"<p>{e(runs.device_name(run.env, run.df))} · run folder <code>{e(str(run.path))}</code> · generated "
            f"{e(generated)} by <code>attnbench report</code></p>"]
     for kind, title, payload in sections:
         if title:
@@ -311,8 +311,10 @@ def _html(run: plots.Run, sections, generated: str) -> str:
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Plot the run, then write ``RUN_DIR/report/report.md`` (with copies of the PNGs) and
     ``RUN_DIR/report/report.html`` (one file, PNGs embedded). Returns (md path, html path)."""
-    pngs = plots.plot_run(run_dir)
-    run = plots.load_run(run_dir)
+    from .plots import plot_run  # the only part of the report that needs matplotlib
+
+    pngs = plot_run(run_dir)
+    run = runs.load_run(run_dir)
     out = run.path / REPORT_DIR
     out.mkdir(exist_ok=True)
     for old in out.glob("*.png"):

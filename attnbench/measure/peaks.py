@@ -24,7 +24,7 @@ import torch
 
 from . import timing
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from ..device import TORCH_DTYPES as DTYPES
 
 
 def _median_ms(fn, device: torch.device, repeats: int) -> float:

@@ -1,0 +1,406 @@
+"""Measure one cell: build, count, time, memory, telemetry, derived columns. Never raises for a cell.
+
+:func:`measure_cell` takes a :class:`attnbench.job.Job` and returns the cell's row. Its phases, in
+order, each a function below:
+
+1. :func:`base_row` and :func:`check_supports` (the implementation's ``supports`` on the meta device);
+2. build the module on the device (:func:`module_builder`), :func:`find_max_batch` when asked;
+3. :func:`count` (parameters and the three FLOP counts, on the meta device) and
+   :func:`check_prediction` (the budget rule, from the series' previous cell);
+4. the input (:func:`random_input`) and the measured call (:func:`make_call`);
+5. :func:`measure_latency`: the first call alone (with compile: the compilation), warm-up by time,
+   the peak memory of one call, then the timed calls;
+6. :func:`derived` columns, then teardown, telemetry and the time accounting.
+
+A failure becomes the row's status (:func:`failure_columns`): ``over_budget``, ``unsupported``,
+``oom`` or ``error`` (traceback appended to ``errors.log``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import budget, registry
+from .device import TORCH_DTYPES, apply_globals, empty_cache, is_backend_refusal, is_oom, sdpa_context
+from .job import CellSettings, Job
+from .measure import flops as flops_mod
+from .measure import memory, timing
+from .measure import peaks as peaks_mod
+from .measure import telemetry as telemetry_mod
+from .measure.telemetry import Telemetry
+from .measurement import Latency
+from .schema import SCHEMA_VERSION, SKIPPED_PREFIX, Status
+from .suite import Case
+
+
+class OverBudget(Exception):
+    """The cell was predicted or found to exceed its time or memory budget."""
+
+
+class Unsupported(Exception):
+    """The implementation cannot take the cell (its ``supports`` gave this reason)."""
+
+
+@dataclass
+class CellContext:
+    """What the cells of one process share: the L2 flusher, the GPU telemetry, the peaks, the sentinel."""
+
+    device: torch.device
+    flush: Callable[[], object] | None = None
+    telemetry: Telemetry | None = None
+    peaks: Any = None
+    sentinel_start: float | None = None  # the sentinel's TFLOP/s at the start of the run (None: off)
+
+    @classmethod
+    def create(cls, settings: CellSettings, device: torch.device, peaks: Any = None,
+               sentinel_start: float | None = None) -> "CellContext":
+        """``sentinel_start``: the run's reference speed when it is already known (isolated workers)."""
+        if not settings.timing.sentinel:
+            sentinel_start = None
+        elif sentinel_start is None:
+            sentinel_start = peaks_mod.sentinel_tflops(device)
+        flush = timing.l2_flusher(device) if settings.timing.l2_flush else None
+        index = uuid = None
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        return cls(device=device, flush=flush, telemetry=Telemetry(index, str(uuid) if uuid else None), peaks=peaks,
+                   sentinel_start=sentinel_start)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.telemetry.snapshot() if self.telemetry else {"available": False}
+
+    def speed(self) -> float | None:
+        """The sentinel's speed now over its speed at the start of the run (None when off)."""
+        if not self.sentinel_start:
+            return None
+        return peaks_mod.sentinel_tflops(self.device) / self.sentinel_start
+
+
+# ------------------------------------------------------------------------------ building and counting
+
+
+def base_row(case: Case) -> dict[str, Any]:
+    """The identity columns of a cell's row, status ``ok`` until something fails."""
+    return {
+        "impl": case.impl, "label": case.label, "family": case.family, "resolution": case.resolution,
+        "patch": case.patch, "shape": case.shape, "tokens": case.tokens, "grid_h": case.grid_h, "grid_w": case.grid_w,
+        "batch": case.batch, "dim": case.dim, "heads": case.heads, "dtype": case.dtype, "mode": case.mode,
+        "device": case.device, "params": dict(case.params), "status": Status.OK.value, "message": "",
+        "cell_id": case.cell_id, "cpu_threads": torch.get_num_threads(), "schema_version": SCHEMA_VERSION,
+    }
+
+
+def module_builder(case: Case) -> Callable[[], torch.nn.Module]:
+    """Builds the cell's module; in forward mode a module with ``reparameterize()`` is measured merged."""
+    spec = registry.get_spec(case.impl)
+    params = dict(case.params)
+    merge = case.mode == "forward" and spec.has("reparameterize")
+
+    def build() -> torch.nn.Module:
+        module = spec.build(dim=case.dim, heads=case.heads, **params)
+        return (module.reparameterize() or module) if merge else module
+
+    return build
+
+
+def check_supports(case: Case, build: Callable[[], torch.nn.Module]) -> None:
+    """Raise :class:`Unsupported` with the implementation's reason when it cannot take the cell's grid."""
+    if registry.get_spec(case.impl).has("supports"):
+        reason = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype]).supports(case.grid_h, case.grid_w)
+        if reason:
+            raise Unsupported(reason)
+
+
+def count(case: Case, build: Callable[[], torch.nn.Module]) -> dict[str, Any]:
+    """Parameter count and the three FLOP counts, on the meta device."""
+    spec = registry.get_spec(case.impl)
+    dtype = TORCH_DTYPES[case.dtype]
+    meta = flops_mod.build_meta(build, dtype)
+    out: dict[str, Any] = {"params_count": sum(p.numel() for p in meta.parameters()),
+                           "reparameterized": case.mode == "forward" and spec.has("reparameterize")}
+    if spec.has("flops_analytic"):
+        out["flops_analytic"] = int(meta.flops_analytic(case.batch, case.grid_h, case.grid_w))
+    out.update(flops_mod.count_flops(build, (case.batch, case.grid_h, case.grid_w, case.dim), dtype,
+                                     train=case.mode == "train"))
+    return out
+
+
+def check_prediction(case: Case, row: dict[str, Any], prior: budget.Prior, settings: CellSettings) -> None:
+    """Raise :class:`OverBudget` when the previous cell of the series predicts this one will not fit."""
+    flops_now = budget.cell_flops(row)
+    problem = budget.time_problem(prior, math.nan if flops_now is None else flops_now,
+                                  1 + settings.timing.min_repeats, settings.budget.cell_time_s)
+    device = torch.device(case.device)
+    if problem is None and device.type == "cpu":
+        limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
+        problem = budget.memory_problem(prior, case.tokens, limit)
+    if problem:
+        raise OverBudget(problem)
+
+
+def random_input(case: Case, batch: int, seed: int) -> torch.Tensor:
+    """The cell's input, (batch, grid_h, grid_w, dim), standard normal from ``seed`` (never zeros)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(batch, case.grid_h, case.grid_w, case.dim, generator=gen)
+    return x.to(device=case.device, dtype=TORCH_DTYPES[case.dtype])
+
+
+def make_call(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    """The measured call: ``forward`` runs ``module(x)`` under inference mode; ``train`` clears the
+    gradients, runs the forward and back-propagates a fixed random output gradient."""
+    if mode == "forward":
+        module.eval()
+
+        def call() -> None:
+            with torch.inference_mode():
+                module(x)
+
+        return call
+    module.train()
+    x.requires_grad_(True)
+    with torch.no_grad():
+        grad_out = torch.randn_like(module(x))
+
+    def call() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).backward(grad_out)
+
+    return call
+
+
+def find_max_batch(case: Case, module: torch.nn.Module, settings: CellSettings) -> tuple[int, list[dict[str, Any]]]:
+    """Largest batch <= ``case.batch`` whose call fits, halving on out-of-memory (CPU: the memory
+    budget, estimated from one image, since an oversized CPU call swaps instead of failing).
+    Returns the batch and the tries."""
+    device = torch.device(case.device)
+    limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
+    batch, tries = case.batch, []
+    if device.type == "cpu":
+        x = random_input(case, 1, settings.seed)
+        per_image, _ = memory.peak_memory_bytes(make_call(module, x, case.mode), device)
+        del x
+        while batch > 1 and per_image == per_image and per_image * batch > limit:
+            tries.append({"batch": batch, "fits": False, "why": "estimated memory over budget"})
+            batch //= 2
+    while True:
+        try:
+            x = random_input(case, batch, settings.seed)
+            make_call(module, x, case.mode)()
+            del x
+            tries.append({"batch": batch, "fits": True})
+            return batch, tries
+        except Exception as exc:
+            if not is_oom(exc) or batch == 1:
+                raise
+            tries.append({"batch": batch, "fits": False, "why": "out of memory"})
+            x = None
+            gc.collect()
+            empty_cache(device)
+            batch //= 2
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def _wall(fn: Callable[[], None], device: torch.device) -> float:
+    timing.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    timing.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def measure_latency(call: Callable[[], None], case: Case, settings: CellSettings, ctx: CellContext,
+                    row: dict[str, Any], clear_grads: Callable[[], None]) -> Latency:
+    """First call, warm-up, peak memory of one call, timed calls; the non-latency columns go to ``row``."""
+    device, tm, budget_s = ctx.device, settings.timing, settings.budget.cell_time_s
+    # 1. the first call, alone (with compile: the compilation); too slow already -> over budget
+    first_s = _wall(call, device)
+    if settings.compile:
+        row["compile_s"] = first_s
+        first_s = _wall(call, device)
+    t_start = time.perf_counter() - first_s
+    if first_s * 2 > budget_s:
+        raise OverBudget(f"the first call took {first_s:.3g} s, over half the cell budget of {budget_s:g} s")
+    # 2. warm-up by time
+    warm = timing.time_calls(call, device, 1)
+    while sum(warm) / 1e3 < tm.warmup_s:
+        warm += timing.time_calls(call, device, max(1, len(warm)))
+    row["warmup_calls"] = 1 + len(warm)
+    # 3. peak memory of one call, above what is held before it (stale gradients dropped first)
+    clear_grads()
+    row["peak_mem_bytes"], row["peak_mem_method"] = memory.peak_memory_bytes(call, device)
+    # 4. the timed calls: CUDA events (L2 flushed before each), graph replays, or perf_counter
+    timed, method = call, "perf_counter" if device.type == "cpu" else "cuda_events"
+    if tm.cuda_graph and device.type == "cuda":
+        if case.mode == "forward":
+            timed, method = timing.capture_graph(call, device), "cuda_graph_replay"
+        else:
+            row["message"] = "cuda_graph: not used in train mode (timed with CUDA events)"
+    row.update(timing_method=method, l2_flush=ctx.flush is not None)
+    est_s = sorted(warm)[len(warm) // 2] / 1e3
+    remaining_s = budget_s - (time.perf_counter() - t_start)
+    n = timing.plan_repeats(est_s, tm.target_s, tm.min_repeats, tm.max_repeats, remaining_s)
+    if n is None:
+        raise OverBudget(f"{tm.min_repeats} calls of {est_s * 1e3:.3g} ms exceed the {remaining_s:.3g} s "
+                         f"left of the cell budget of {budget_s:g} s")
+    samples = timing.time_calls(timed, device, n, flush=ctx.flush)
+    return Latency(tuple(samples), method, ctx.flush is not None)
+
+
+# ----------------------------------------------------------------------------------- derived columns
+
+
+def derived(case: Case, row: dict[str, Any], peaks: Any) -> dict[str, Any]:
+    """Throughput, achieved TFLOP/s and the fraction of the device's measured matmul peak."""
+    sec = row["latency_ms_median"] / 1e3
+    out: dict[str, Any] = {"throughput_img_s": case.batch / sec if sec > 0 else math.nan,
+                           "throughput_tok_s": case.batch * case.tokens / sec if sec > 0 else math.nan}
+    flops = row.get("flops_torch_fwd_bwd") if case.mode == "train" else row.get("flops_torch")
+    if flops is None or flops != flops:
+        flops = row.get("flops_analytic")
+    out["tflops_achieved"] = flops / sec / 1e12 if flops and sec > 0 else math.nan
+    peak = (peaks or {}).get("matmul_tflops", {}).get(case.dtype)
+    out["peak_fraction"] = out["tflops_achieved"] / peak if peak else math.nan
+    return out
+
+
+def device_speed_columns(speeds: list[float]) -> dict[str, Any]:
+    """``device_speed``: geometric mean of the sentinel ratios before and after the cell; ``drift`` when every
+    ratio is off by more than the tolerance on the same side (a sustained change, not a blip in one reading)."""
+    tol = peaks_mod.DRIFT_TOLERANCE
+    out: dict[str, Any] = {"device_speed_before": speeds[0]}
+    if len(speeds) > 1:
+        out["device_speed_after"] = speeds[1]
+    out["device_speed"] = math.prod(speeds) ** (1 / len(speeds))
+    out["drift"] = all(s < 1 - tol for s in speeds) or all(s > 1 + tol for s in speeds)
+    return out
+
+
+def telemetry_columns(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """GPU state around the cell (``gpu_before_*``, ``gpu_after_*``) and the throttle reasons."""
+    if not before.get("available"):
+        return {"telemetry": "absent"}
+    return {"telemetry": "nvml", **telemetry_mod.flatten("gpu_before", before),
+            **telemetry_mod.flatten("gpu_after", after), "throttled": ",".join(telemetry_mod.throttled(before, after))}
+
+
+def failure_columns(exc: Exception, job: Job) -> dict[str, Any]:
+    """The status and message of a cell that raised; an unexpected error's traceback goes to the errors log."""
+    if isinstance(exc, OverBudget):
+        return {"status": Status.OVER_BUDGET.value, "message": str(exc)}
+    if isinstance(exc, Unsupported):
+        return {"status": Status.UNSUPPORTED.value, "message": str(exc)}
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    if is_oom(exc):
+        return {"status": Status.OOM.value, "message": f"{type(exc).__name__}: {text}"}
+    if is_backend_refusal(exc):
+        return {"status": Status.UNSUPPORTED.value, "message": f"sdpa_backend {job.settings.sdpa_backend}: {text}"}
+    if job.errors_log is not None:
+        case = job.case
+        with open(job.errors_log, "a") as f:
+            f.write(f"=== {case.label} resolution={case.resolution} cell_id={case.cell_id}\n")
+            f.write(traceback.format_exc() + "\n")
+    return {"status": Status.ERROR.value, "message": f"{type(exc).__name__}: {text}"}
+
+
+# ------------------------------------------------------------------------------------------- the cell
+
+
+def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
+    """Measure one cell and return its row (never raises for a failing cell)."""
+    t_cell = time.perf_counter()
+    case, settings = job.case, job.settings
+    device = torch.device(case.device)
+    ctx = ctx or CellContext.create(settings, device, job.peaks, job.sentinel_start)
+    row = base_row(case)
+    row.update(sdpa_backend=settings.sdpa_backend, compiled=settings.compile,
+               tf32=torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None)
+    before = ctx.snapshot()
+    module = x = call = t_measure = None
+    speeds: list[float] = []  # the sentinel's speed before and after the timed calls / its speed at the start
+    try:
+        build = module_builder(case)
+        check_supports(case, build)
+        torch.manual_seed(settings.seed)
+        module = build().to(device=device, dtype=TORCH_DTYPES[case.dtype])
+        if settings.find_max_batch:
+            batch, tries = find_max_batch(case, module, settings)
+            row.update(batch=batch, batch_requested=case.batch, batch_search=tries)
+            case = dataclasses.replace(case, batch=batch)
+        row.update(count(case, build))
+        if job.prior is not None and not settings.find_max_batch:
+            check_prediction(case, row, job.prior, settings)
+        x = random_input(case, case.batch, settings.seed)
+        if row.get("macs_fvcore") != row.get("macs_fvcore"):  # NaN: fvcore could not trace on meta
+            row.update(flops_mod.count_fvcore(module.eval(), x))
+        if settings.compile:
+            module = torch.compile(module)
+        call = make_call(module, x, case.mode)
+
+        def clear_grads() -> None:
+            if case.mode == "train":
+                module.zero_grad(set_to_none=True)
+                x.grad = None
+
+        if ctx.sentinel_start:
+            speeds.append(ctx.speed())
+        t_measure = time.perf_counter()
+        with sdpa_context(settings.sdpa_backend):
+            latency = measure_latency(call, case, settings, ctx, row, clear_grads)
+        row["measure_s"] = time.perf_counter() - t_measure
+        if ctx.sentinel_start:
+            speeds.append(ctx.speed())
+        row.update(latency.columns())
+        row.update(derived(case, row, ctx.peaks))
+    except Exception as exc:  # one failing cell never ends the sweep
+        row.update(failure_columns(exc, job))
+        if isinstance(exc, OverBudget) and t_measure is not None:
+            row["measure_s"] = time.perf_counter() - t_measure
+    finally:
+        del module, x, call
+        gc.collect()
+        empty_cache(device)
+        row.update(telemetry_columns(before, ctx.snapshot()))
+        if speeds:
+            row.update(device_speed_columns(speeds))
+        row["cell_wall_s"] = time.perf_counter() - t_cell
+        row["harness_s"] = row["cell_wall_s"] - row.get("measure_s", 0.0)
+    return row
+
+
+def skipped_row(case: Case, status: Status | str, message: str) -> dict[str, Any]:
+    """The row of a cell not tried (a smaller cell of its series failed, or its dtype cannot run);
+    its FLOPs are still counted."""
+    row = base_row(case)
+    row.update(status=str(status), message=message)
+    try:
+        row.update(count(case, module_builder(case)))
+    except Exception as exc:
+        row["count_message"] = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def blocked_message(resolution: int, status: str) -> str:
+    return f"{SKIPPED_PREFIX} resolution {resolution} was {status}"
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """A worker's entry: apply the job's process-wide settings, load its plugins, measure the cell."""
+    for path in job.plugins:
+        registry.load_plugin_file(Path(path))
+    apply_globals(job.settings.threads, job.settings.tf32, torch.device(job.case.device))
+    gc.collect()
+    gc.freeze()  # as in the in-process runner: the cell's final gc.collect() scans only its own objects
+    return measure_cell(job)

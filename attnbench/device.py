@@ -1,0 +1,107 @@
+"""The device side of a run: which device and dtypes, the process-wide settings, failure kinds.
+
+:func:`apply_globals` is the one place torch's process-wide state is set from a suite (CPU threads,
+TF32); the in-process runner and every isolated worker call it with the same settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from .errors import DeviceError
+from .schema import DTYPE_BYTES
+
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                        "bfloat16": torch.bfloat16}
+assert set(TORCH_DTYPES) == set(DTYPE_BYTES)
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without one is a DeviceError."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {requested!r} was asked for, but torch sees no CUDA device "
+                              f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {requested!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def resolve_dtypes(names: list[str], device: torch.device) -> list[str]:
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU; duplicates dropped, order kept."""
+    out = []
+    for n in names:
+        n = ("bfloat16" if device.type == "cuda" else "float32") if n == "auto" else n
+        if n not in out:
+            out.append(n)
+    return out
+
+
+_dtype_problems: dict[tuple[str, str], str | None] = {}
+
+
+def dtype_problem(name: str, device: torch.device) -> str | None:
+    """Why ``device`` cannot run dtype ``name`` (None when it can): a tiny matmul in that dtype decides."""
+    key = (name, str(device))
+    if key not in _dtype_problems:
+        problem = None
+        if device.type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
+            problem = f"bfloat16 is not supported by {torch.cuda.get_device_name(device)}"
+        else:
+            try:
+                a = torch.ones(4, 4, device=device, dtype=TORCH_DTYPES[name])
+                (a @ a).sum().item()
+            except RuntimeError as exc:
+                problem = f"{name} cannot run on {device}: {str(exc).splitlines()[0]}"
+        _dtype_problems[key] = problem
+    return _dtype_problems[key]
+
+
+def apply_globals(threads: int | None, tf32: bool | None, device: torch.device) -> dict[str, Any]:
+    """Set torch's process-wide state for a run: CPU threads (fixed for the run) and, on CUDA, TF32.
+
+    Returns what is in effect afterwards, as recorded in the rows.
+    """
+    torch.set_num_threads(threads or torch.get_num_threads())
+    if tf32 is not None and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return {"cpu_threads": torch.get_num_threads(),
+            "tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None}
+
+
+def sdpa_context(name: str):
+    """Pin F.scaled_dot_product_attention to one backend (``auto``: torch chooses)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An out-of-memory failure, on any device."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def is_backend_refusal(exc: BaseException) -> bool:
+    """A pinned SDPA backend that cannot take the call."""
+    return "No available kernel" in str(exc) or "No viable backend" in str(exc)
+
+
+def empty_cache(device: torch.device) -> None:
+    """Return cached blocks to the device and reset the allocator's peak statistics (CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,220 @@
+"""The row schema: what one measured cell's row holds, in one place. No torch, no pandas.
+
+Every module that writes or reads rows takes its knowledge from here: the statuses (:class:`Status`),
+the columns grouped by what they describe (:data:`COLUMNS`, :func:`group`), the identity of a cell
+(:func:`cell_id`), the dtype table (:data:`DTYPE_BYTES`), and the schema version, checked when a
+run folder is read (:func:`check_version`).
+
+Adding a measured column end to end is two changes: compute it where it is measured (for example
+:meth:`attnbench.measurement.Latency.columns`) and declare it below with its group, its kind, and
+whether baselines keep it (``compact``), comparisons judge or show it (``compare``) and the summary
+tables show it (``table``). The store, compare, baselines, plots and reports read the declaration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Iterable, Mapping
+
+SCHEMA_VERSION = 1  # rows written by this code; older rows load, newer ones are refused
+
+
+class SchemaError(ValueError):
+    """Rows written by a newer attnbench than this one (wrapped into a RunDirError by the store)."""
+
+
+class Status(str, Enum):
+    """How a cell ended. A ``str``: rows hold the plain value (``"ok"``) and compare equal to it."""
+
+    OK = "ok"
+    OOM = "oom"  # out of memory
+    OVER_BUDGET = "over_budget"  # predicted or found to exceed the cell's time or memory budget
+    UNSUPPORTED = "unsupported"  # the implementation, the device's dtype or a pinned SDPA backend cannot take it
+    ERROR = "error"  # any other exception; traceback in errors.log
+    TIMEOUT = "timeout"  # isolation: process; the worker was killed at budget.cell_timeout_s
+    CRASHED = "crashed"  # isolation: process; the worker died
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def word(self) -> str:
+        """The short word the summary tables show in a failed cell's place."""
+        return _WORDS[self]
+
+
+_WORDS = {Status.OK: "ok", Status.OOM: "OOM", Status.OVER_BUDGET: "budget", Status.UNSUPPORTED: "n/a",
+          Status.ERROR: "ERR", Status.TIMEOUT: "timeout", Status.CRASHED: "crashed"}
+FAILED = tuple(s for s in Status if s is not Status.OK)
+BLOCKING = (Status.OOM, Status.OVER_BUDGET, Status.TIMEOUT)  # larger cells of the series are not tried
+FAILED_FOR_SIZE = (Status.OOM, Status.OVER_BUDGET)  # their latency can be predicted from a smaller cell
+SKIPPED_PREFIX = "skipped:"  # message of a cell not tried because a smaller one of its series failed
+
+
+def status_word(status: Any) -> str:
+    try:
+        return Status(status).word
+    except ValueError:
+        return str(status or "?")
+
+
+# dtype name -> bytes per element (the torch dtypes themselves live in attnbench.device)
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+MODES = ("forward", "train")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a row.
+
+    ``compare``: ``exact`` (deterministic; any difference is a change), ``latency`` / ``memory``
+    (judged statistically by :mod:`attnbench.analysis.compare`), ``info`` (shown side by side), or
+    empty. ``table``: (position, title with units, scale, format) of a summary table of this column.
+    """
+
+    name: str
+    group: str
+    kind: str = "float"  # int | float | str | bool | json
+    doc: str = ""
+    compact: bool = False  # kept in compact baselines
+    compare: str = ""
+    table: tuple[int, str, float, str] | None = None
+
+
+IDENTITY, SETUP, OUTCOME, COUNTS, LATENCY, MEMORY, TELEMETRY, DERIVED, ACCOUNTING = (
+    "identity", "setup", "outcome", "counts", "latency", "memory", "telemetry", "derived", "accounting")
+
+_C = Column
+COLUMNS: tuple[Column, ...] = (
+    # identity: what was measured (the fields of cell_id, then descriptions derived from them)
+    _C("impl", IDENTITY, "str", "registered implementation name", True),
+    _C("label", IDENTITY, "str", "implementation with its parameters, e.g. sra.conv(sr_ratio=8)", True),
+    _C("family", IDENTITY, "str", "the implementation's family", True),
+    _C("shape", IDENTITY, "str", "name of an explicit shape (S1..S4), empty for a resolution sweep", True),
+    _C("resolution", IDENTITY, "int", "image side, px", True),
+    _C("patch", IDENTITY, "int", "effective stride: token grid = resolution / patch", True),
+    _C("tokens", IDENTITY, "int", "tokens N = grid_h x grid_w", True),
+    _C("grid_h", IDENTITY, "int", "token grid height", True),
+    _C("grid_w", IDENTITY, "int", "token grid width", True),
+    _C("batch", IDENTITY, "int", "batch measured (after find_max_batch)", True),
+    _C("dim", IDENTITY, "int", "channels C", True),
+    _C("heads", IDENTITY, "int", "attention heads", True),
+    _C("dtype", IDENTITY, "str", "float32 | float16 | bfloat16", True),
+    _C("mode", IDENTITY, "str", "forward (inference) | train (forward + backward)", True),
+    _C("device", IDENTITY, "str", "cpu | cuda | cuda:N", True),
+    _C("params", IDENTITY, "json", "the implementation's parameters set by the suite", True),
+    _C("cell_id", IDENTITY, "str", "hash of impl, params, resolution, patch, batch, dim, heads, dtype, mode, "
+                                   "device (:func:`cell_id`)", True),
+    _C("batch_requested", IDENTITY, "int", "the suite's batch when find_max_batch changed it", True),
+    _C("batch_search", IDENTITY, "json", "find_max_batch: the batches tried"),
+    # outcome
+    _C("status", OUTCOME, "str", "ok | oom | over_budget | unsupported | error | timeout | crashed", True),
+    _C("message", OUTCOME, "str", "why a cell did not finish ok (or a note)", True),
+    # setup: how it was measured
+    _C("schema_version", SETUP, "int", "version of this schema the row was written with", True),
+    _C("session", SETUP, "int", "which session of a resumed run measured the cell"),
+    _C("cpu_threads", SETUP, "int", "torch CPU threads", True),
+    _C("sdpa_backend", SETUP, "str", "auto | flash | efficient | cudnn | math", True),
+    _C("compiled", SETUP, "bool", "run under torch.compile", True),
+    _C("tf32", SETUP, "bool", "CUDA float32 matmul in TF32 (None on CPU)", True),
+    _C("reparameterized", SETUP, "bool", "measured in its re-parameterized (merged) form", True),
+    _C("isolation", SETUP, "str", "process: measured in a fresh worker"),
+    # counts: deterministic, on the meta device
+    _C("params_count", COUNTS, "int", "parameters of the module", True, "exact"),
+    _C("flops_analytic", COUNTS, "int", "closed form, matmul-type ops, 2 FLOPs per MAC, forward", True, "exact",
+       (3, "FLOPs (analytic, forward, 2 per MAC), GFLOP", 1e9, ".4g")),
+    _C("flops_torch", COUNTS, "int", "torch FlopCounterMode, 2 per MAC, forward", True, "exact"),
+    _C("flops_torch_fwd_bwd", COUNTS, "int", "torch FlopCounterMode, forward + backward (train mode)", True, "exact"),
+    _C("macs_fvcore", COUNTS, "int", "fvcore FlopCountAnalysis total, 1 per MAC (the papers' FLOPs)", True, "exact"),
+    _C("macs_fvcore_matmul", COUNTS, "int", "fvcore's matmul-type part", True),
+    _C("fvcore_device", COUNTS, "str", "meta, or the real device where fvcore could not trace on meta"),
+    _C("fvcore_uncounted_ops", COUNTS, "str", "operators fvcore does not count"),
+    _C("fvcore_message", COUNTS, "str", "why fvcore could not count"),
+    _C("count_message", COUNTS, "str", "why a counter failed"),
+    # latency: see attnbench.measurement.Latency
+    _C("latency_ms_median", LATENCY, "float", "median of the timed calls, ms", True, "latency",
+       (1, "latency, median ms (~ = noisy: IQR > 10% of the median)", 1.0, ".3g")),
+    _C("latency_ms_iqr", LATENCY, "float", "p75 - p25 of the timed calls, ms", True),
+    _C("latency_ms_min", LATENCY, "float", "fastest timed call, ms", True),
+    _C("latency_ms_p10", LATENCY, "float", "10th percentile, ms", True),
+    _C("latency_ms_p90", LATENCY, "float", "90th percentile, ms", True),
+    _C("latency_n", LATENCY, "int", "timed calls", True),
+    _C("noisy", LATENCY, "bool", "IQR above 10% of the median", True),
+    _C("latency_ms_samples", LATENCY, "json", "every timed call, ms", True),
+    _C("timing_method", LATENCY, "str", "perf_counter | cuda_events | cuda_graph_replay", True),
+    _C("l2_flush", LATENCY, "bool", "GPU L2 overwritten before each timed call", True),
+    _C("warmup_calls", LATENCY, "int", "calls before the timed ones (first call included)"),
+    _C("compile_s", LATENCY, "float", "torch.compile: the first call, s"),
+    # memory
+    _C("peak_mem_bytes", MEMORY, "float", "peak memory of one call above what was held before it", True, "memory",
+       (2, "peak memory of one call, MiB", 2.0 ** 20, ".4g")),
+    _C("peak_mem_method", MEMORY, "str", "cuda_allocator_peak_delta | rss_hwm_delta | unavailable", True),
+    # telemetry (GPU state, and the machine's speed drift)
+    _C("telemetry", TELEMETRY, "str", "nvml | absent"),
+    _C("throttled", TELEMETRY, "str", "power or thermal throttle reasons seen around the cell"),
+    _C("device_speed_before", TELEMETRY, "float", "sentinel speed before the timed calls / at the run's start"),
+    _C("device_speed_after", TELEMETRY, "float", "the same after the timed calls"),
+    _C("device_speed", TELEMETRY, "float", "geometric mean of the two"),
+    _C("drift", TELEMETRY, "bool", "both sentinel readings more than 10% off on the same side"),
+    # derived from the above
+    _C("throughput_img_s", DERIVED, "float", "batch / median latency", True, "",
+       (4, "throughput, img/s", 1.0, ".3g")),
+    _C("throughput_tok_s", DERIVED, "float", "batch x tokens / median latency", True),
+    _C("tflops_achieved", DERIVED, "float", "torch FLOPs / median latency, TFLOP/s"),
+    _C("peak_fraction", DERIVED, "float", "tflops_achieved / the device's measured matmul peak"),
+    # the harness's own time
+    _C("measure_s", ACCOUNTING, "float", "time inside the implementation's calls, s"),
+    _C("harness_s", ACCOUNTING, "float", "the rest of the cell's wall time, s"),
+    _C("cell_wall_s", ACCOUNTING, "float", "the cell's wall time, s"),
+    _C("worker_wall_s", ACCOUNTING, "float", "isolation: process; the worker's wall time, s"),
+)
+del _C
+
+BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
+# Telemetry snapshots add gpu_before_* / gpu_after_* columns (see attnbench.measure.telemetry.flatten).
+
+IDENTITY_FIELDS = ("impl", "params", "resolution", "patch", "batch", "dim", "heads", "dtype", "mode", "device")
+
+
+def group(name: str) -> list[str]:
+    """The names of one group's columns, in schema order."""
+    return [c.name for c in COLUMNS if c.group == name]
+
+
+def names(columns: Iterable[Column] = COLUMNS) -> list[str]:
+    return [c.name for c in columns]
+
+
+COMPACT = tuple(c.name for c in COLUMNS if c.compact)
+EXACT = tuple(c.name for c in COLUMNS if c.compare == "exact")
+INFO = tuple(c.name for c in COLUMNS if c.compare == "info")
+NUMERIC = tuple(c.name for c in COLUMNS if c.kind in ("int", "float"))
+TABLES = tuple((c.table[1], c.name, c.table[2], c.table[3])  # (title, column, scale, format), by position
+               for c in sorted((c for c in COLUMNS if c.table), key=lambda c: c.table[0]))
+MEASURED = tuple(c.name for c in COLUMNS if c.group in (LATENCY, MEMORY, DERIVED))  # no value unless ok
+
+
+def cell_id(fields: Mapping[str, Any]) -> str:
+    """The identity of a cell: a hash of :data:`IDENTITY_FIELDS`, ``params`` as a mapping or (name,
+    value) pairs. One definition for the runner (resume), compare and baselines."""
+    params = fields.get("params") or {}
+    items = sorted(params.items()) if isinstance(params, Mapping) else [tuple(p) for p in params]
+    key = {k: fields.get(k) for k in IDENTITY_FIELDS}
+    key["params"] = [list(p) for p in items]
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def row_key(row: Mapping[str, Any]) -> str:
+    """The row's ``cell_id``, or the same hash computed from its fields when it has none."""
+    return str(row.get("cell_id") or cell_id(row))
+
+
+def check_version(row: Mapping[str, Any], where: str = "row") -> None:
+    """Raise :class:`SchemaError` for a row written by a newer schema; rows without a version are old (v1)."""
+    version = row.get("schema_version", 1)
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise SchemaError(f"{where} was written with row schema version {version}, newer than this attnbench "
+                          f"understands ({SCHEMA_VERSION}); upgrade attnbench to read it")
