@@ -21,6 +21,9 @@ earlier call are replaced), one set per (dtype, mode) of the run, named ``<kind>
   tokens x dim)), i.e. weights, input and output each moved once (a lower bound on traffic, so an
   upper bound on intensity).
 
+A group whose every series has a single token count (one resolution) gets no figures against tokens
+and no exponents: one point per curve shows nothing the tables do not.
+
 Runs over named ``shapes`` (e.g. the four Swin stages, whose dims differ) are not resolution sweeps:
 their latency/memory/FLOPs/throughput and speed-ups are grouped bar charts per stage, and they get no
 exponent plot.
@@ -602,13 +605,14 @@ def build_figures(run: Run) -> list[tuple[str, Figure, dict[str, Any]]]:
     out = []
     for dtype, mode, g in run.groups():
         suffix = f"{dtype}-{mode}"
-        for key in METRICS:
+        curves = run.by_shape or any(rows["tokens"].nunique() > 1 for _, _, rows in series_of(run, g))
+        for key in METRICS if curves else ():  # a curve of one point shows nothing a table does not
             if run.by_shape:
                 fig, info = bar_figure(run, g, key, dtype, mode)
             else:
                 fig, info = metric_figure(run, g, key, dtype, mode)
             out.append((f"{key}-{suffix}.png", fig, info))
-        if not run.by_shape:
+        if curves and not run.by_shape:
             fig, info = exponent_figure(run, g, dtype, mode)
             out.append((f"exponents-{suffix}.png", fig, info))
         made = speedup_figure(run, g, dtype, mode)

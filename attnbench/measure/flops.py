@@ -11,14 +11,23 @@
   pass in train mode.
 
 Counting runs on the meta device: no memory is allocated and no arithmetic is done, so a shape too
-large to run can still be counted, in milliseconds.
+large to run can still be counted, in milliseconds. torch.jit's tracer (which fvcore uses) cannot run
+torch's meta kernel of convolution (the kernel's shape checks see traced sizes as tensors), so while
+fvcore traces on meta, ``F.conv1d/2d/3d`` compute their output shape with the tracer paused and add
+fvcore's own count for them (``fvcore.nn.jit_handles.conv_flop_count`` on the same input, weight
+and output shapes it would have read from the graph) under fvcore's operator name ``conv``; the
+trace records ``x.new_empty(output shape)`` in the convolution's place, an op fvcore ignores, that
+keeps what produced the input alive in the traced graph.
+The tests check these counts against fvcore tracing the real module on the CPU, for every
+implementation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -83,21 +92,63 @@ def _fvcore_analysis(module: nn.Module, x: torch.Tensor):
     return analysis
 
 
+@contextlib.contextmanager
+def _meta_convolutions(counted: list[int]) -> Iterator[None]:
+    """While fvcore traces on meta: each F.conv{1,2,3}d runs its meta kernel with the tracer paused (for
+    the output shape), appends fvcore's count for it to ``counted`` and returns an empty tensor of
+    that shape made from the input (traced as ``aten::new_empty``, which fvcore ignores)."""
+    from fvcore.nn.jit_handles import conv_flop_count
+
+    F = torch.nn.functional
+    originals = {name: getattr(F, name) for name in ("conv1d", "conv2d", "conv3d")}
+
+    def shape_only(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def conv(x: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            state = torch._C._get_tracing_state()
+            torch._C._set_tracing_state(None)
+            try:
+                out = original(x, weight, *args, **kwargs)
+                shapes = list(x.shape), list(weight.shape), list(out.shape)
+            finally:
+                torch._C._set_tracing_state(state)
+            counted.append(int(conv_flop_count(*shapes, transposed=False)))
+            return x.new_empty(shapes[2])  # depends on x, so the trace keeps the ops that made x
+
+        return conv
+
+    for name, original in originals.items():
+        setattr(F, name, shape_only(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(F, name, original)
+
+
+def _fvcore_counts(module: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int], list[str]]:
+    """(total, by operator, uncounted operators) of one forward call, as fvcore counts them."""
+    analysis = _fvcore_analysis(module, x)
+    convs: list[int] = []
+    with _meta_convolutions(convs) if x.device.type == "meta" else contextlib.nullcontext():
+        by_op = dict(analysis.by_operator())  # fvcore traces here, once; total() and the rest reuse it
+    if convs:
+        by_op["conv"] = by_op.get("conv", 0) + sum(convs)
+    return sum(by_op.values()), by_op, sorted(analysis.unsupported_ops())
+
+
 def count_fvcore(module: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """fvcore's counts for one forward call of ``module`` on ``x`` (meta or real tensors).
 
-    fvcore traces the module with torch.jit; some meta kernels (convolution) cannot be traced on the
-    meta device, in which case the counts are NaN and ``fvcore_message`` says why; the runner then
-    counts again on the real device, where the cell is run anyway.
+    Where fvcore cannot trace a module on the meta device the counts are NaN and ``fvcore_message``
+    says why; the cell then counts again on the real device, where it is run anyway.
     """
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            analysis = _fvcore_analysis(module, x)
-            by_op = analysis.by_operator()
-            return {"macs_fvcore": int(analysis.total()),
+            total, by_op, uncounted = _fvcore_counts(module, x)
+            return {"macs_fvcore": int(total),
                     "macs_fvcore_matmul": int(sum(v for k, v in by_op.items() if k in FVCORE_MATMUL_OPS)),
-                    "fvcore_uncounted_ops": ",".join(sorted(analysis.unsupported_ops())),
+                    "fvcore_uncounted_ops": ",".join(uncounted),
                     "fvcore_device": x.device.type, "fvcore_message": ""}
     except Exception as exc:
         return {"macs_fvcore": math.nan, "macs_fvcore_matmul": math.nan, "fvcore_device": x.device.type,
@@ -108,4 +159,4 @@ def fvcore_by_operator(module: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """fvcore's MAC count per operator name (for tests and inspection)."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        return dict(_fvcore_analysis(module, x).by_operator())
+        return _fvcore_counts(module, x)[1]
