@@ -56,6 +56,12 @@ class Latency:
         return int(self._array.size)
 
     @property
+    def cv(self) -> float:
+        """Coefficient of variation: standard deviation over mean of the samples (0 for one sample)."""
+        mean = float(self._array.mean())
+        return float(self._array.std()) / mean if mean > 0 else math.nan
+
+    @property
     def noisy(self) -> bool:
         return bool(self.median > 0 and self.iqr / self.median > NOISY_IQR_OVER_MEDIAN)
 
@@ -69,6 +75,7 @@ class Latency:
             "latency_ms_p90": self.quantile(0.90),
             "latency_n": self.n,
             "noisy": self.noisy,
+            "latency_cv": self.cv,
             "latency_ms_samples": list(self.samples_ms),
             "timing_method": self.method,
             "l2_flush": self.l2_flush,

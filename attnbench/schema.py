@@ -143,6 +143,8 @@ COLUMNS: tuple[Column, ...] = (
     _C("latency_ms_p90", LATENCY, "float", "90th percentile, ms", True),
     _C("latency_n", LATENCY, "int", "timed calls", True),
     _C("noisy", LATENCY, "bool", "IQR above 10% of the median", True),
+    _C("latency_cv", LATENCY, "float", "coefficient of variation: std / mean of the timed calls", True, "info",
+       (5, "latency spread, coefficient of variation % (std / mean of the timed calls)", 0.01, ".2g")),
     _C("latency_ms_samples", LATENCY, "json", "every timed call, ms", True),
     _C("timing_method", LATENCY, "str", "perf_counter | cuda_events | cuda_graph_replay", True),
     _C("l2_flush", LATENCY, "bool", "GPU L2 overwritten before each timed call", True),
