@@ -180,3 +180,20 @@ def test_a_command_module_that_fails_to_import_is_an_error(monkeypatch):
     monkeypatch.delattr(sys.modules["attnbench"], "cli_regress", raising=False)
     with pytest.raises(ImportError):
         cli.build_parser()
+
+
+def test_a_declared_column_flows_to_store_baselines_compare_and_report(tmp_path):
+    from attnbench.analysis import baseline, compare, summary
+
+    s = make_suite(["toy.proj"], resolution=(32, 48))
+    a = run_suite(s, out=tmp_path / "a", progress=False)
+    b = run_suite(s, out=tmp_path / "b", progress=False)
+    row = a.rows[0]
+    assert row["latency_cv"] == pytest.approx(np.std(row["latency_ms_samples"]) / np.mean(row["latency_ms_samples"]))
+    assert "latency_cv" in attnbench.load_results(a.run_dir).columns
+    assert "latency_cv" in baseline.compact_row(row)
+    cmp = compare.compare_runs(a.run_dir, b.run_dir)
+    shown = cmp.cells[0].metric("latency_cv")
+    assert shown is not None and shown.verdict == compare.SHOWN and not shown.significant
+    assert "latency_cv" in compare.comparison_text(cmp, verbose=True)
+    assert "coefficient of variation" in summary.summary_text(attnbench.load_results(a.run_dir))
