@@ -28,7 +28,8 @@ import torch
 
 from . import rundir
 from .budget import Prior
-from .cell import CellContext, blocked_message, measure_cell, skipped_row
+from .cell import blocked_message, measure_cell, skipped_row
+from .context import CellContext
 from .device import apply_globals, dtype_problem, resolve_device, resolve_dtypes
 from .errors import DeviceError, SuiteError
 from .isolate import measure_in_worker

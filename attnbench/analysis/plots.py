@@ -28,82 +28,30 @@ Runs over named ``shapes`` (e.g. the four Swin stages, whose dims differ) are no
 their latency/memory/FLOPs/throughput and speed-ups are grouped bar charts per stage, and they get no
 exponent plot.
 
-Every implementation label keeps one colour in every plot of a run (:func:`label_styles`): a hue per
-registered implementation, lighter to darker (and another marker) across its parameter variants.
+The data behind each figure comes from :mod:`attnbench.analysis.run`; colours, axes and legends from
+:mod:`attnbench.analysis.draw`; the grouped bars of named-shape runs from :mod:`attnbench.analysis.bars`.
 """
 
 from __future__ import annotations
 
-import colorsys
-import io
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
-matplotlib.use("Agg")
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib import colors as mcolors  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
-
-from . import run as run_mod  # noqa: E402
-from .fit import Fit, theoretical_exponent  # noqa: E402
-from .run import (DEFAULT_PAIRS, FAILED, METRICS, Run, device_name, exponent_rows, fit_series,  # noqa: E402,F401
-                  metric_of, predicted, roofline_points, series_of, shape_order, speedups, _ok, _series_keys,
-                  _value, device_peaks)
-
-PLOTS_DIR = "plots"
-DPI = 100
-# status -> (marker, legend text)
-STATUS_MARKERS: dict[str, tuple[str, str]] = {
-    "over_budget": ("X", "over budget"),
-    "oom": ("D", "oom"),
-    "error": ("*", "error"),
-    "timeout": ("*", "timeout"),
-    "crashed": ("*", "crashed"),
-    "unsupported": ("P", "unsupported"),
-}
-SERIES_MARKERS = ["o", "s", "^", "v", "<", ">", "p", "h", "8", "d"]
-HUES = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-        "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]
-AI_LABEL = ("arithmetic intensity (FLOP/byte)\nbytes = dtype size x (parameters + 2 x batch x tokens x dim): "
-            "weights, input and output moved once")
-
-
-@dataclass(frozen=True)
-class Style:
-    color: str
-    marker: str
-
-
-# --------------------------------------------------------------------------------------------- colours
-
-
-def _shade(color: str, amount: float) -> str:
-    """amount < 0 lightens, > 0 darkens (in HLS lightness)."""
-    r, g, b = mcolors.to_rgb(color)
-    h, lum, s = colorsys.rgb_to_hls(r, g, b)
-    lum = lum + (1 - lum) * -amount if amount < 0 else lum * (1 - amount)
-    return mcolors.to_hex(colorsys.hls_to_rgb(h, min(max(lum, 0), 1), s))
-
-
-def label_styles(df: pd.DataFrame) -> dict[str, Style]:
-    """label -> colour and marker, fixed for the whole run: a hue per implementation (in the order the run
-    has them, i.e. the suite's), its parameter variants from lighter to darker with different markers."""
-    styles = {}
-    for i, labels in enumerate(run_mod.label_variants(df).values()):
-        hue = HUES[i % len(HUES)]
-        m = len(labels)
-        for j, label in enumerate(labels):
-            amount = 0.0 if m == 1 else -0.35 + 0.75 * j / (m - 1)
-            styles[label] = Style(_shade(hue, amount), SERIES_MARKERS[j % len(SERIES_MARKERS)])
-    return styles
+from . import run as run_mod
+from .bars import _speedup_bars, bar_figure
+from .draw import (AI_LABEL, PLOTS_DIR, STATUS_MARKERS, Style, _fit_text, _legend, _new_figure,  # noqa: F401
+                   _status_handles, _token_axis, label_styles, save_png, span_ok, title_for)
+from .fit import Fit, theoretical_exponent
+from .run import (DEFAULT_PAIRS, FAILED, METRICS, Run, _ok, _series_keys, _value, device_peaks,  # noqa: F401
+                  exponent_rows, fit_series, metric_of, predicted, roofline_points, series_of, speedups)
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -113,96 +61,7 @@ def load_run(run_dir: str | Path) -> Run:
     return run
 
 
-# --------------------------------------------------------------------------------------------- helpers
-
-
-
-
-def _constants(g: pd.DataFrame, by_shape: bool) -> str:
-    parts = []
-    cols = ("batch",) if by_shape else ("batch", "dim", "heads")
-    for col, word in zip(cols, ("batch", "dim", "heads")):
-        vals = g[col].dropna().unique()
-        if len(vals) == 1:
-            parts.append(f"{word} {int(vals[0])}")
-    return " · ".join(parts)
-
-
-def title_for(run: Run, what: str, dtype: str, mode: str, g: pd.DataFrame) -> str:
-    extra = _constants(g, run.by_shape)
-    return (f"{what} — {run.name}\n{device_name(run.env, run.df)} · {dtype} · {mode}"
-            + (f" · {extra}" if extra else ""))
-
-
-
-
-
-
-
-
-
-
-
-
-def _fit_text(fit: Fit | None, theory: float | None) -> str:
-    t = f" (theory {theory:g})" if theory is not None else ""
-    return f"{fit.text()}{t}" if fit else f"k n/a, <3 points{t}"
-
-
-
-
-def _token_axis(ax, run: Run, tokens: np.ndarray) -> None:
-    """Log x axis with ticks at the measured token counts and, on top, the image side in px."""
-    ticks = np.unique(tokens[np.isfinite(tokens) & (tokens > 0)])
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens N = (image side / patch)²")
-    if 0 < len(ticks) <= 14:
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v / 1000:.3g}k" if v >= 10000 else f"{v:.0f}"))
-        lo, hi = ticks[0], ticks[-1]
-        pad = (hi / lo) ** 0.04 if hi > lo else 1.3
-        ax.set_xlim(lo / pad, hi * pad)
-    patches = run.df["patch"].dropna().unique()
-    if len(patches) == 1 and 0 < len(ticks) <= 14:
-        patch = float(patches[0])
-        top = ax.secondary_xaxis("top")
-        top.set_xticks(ticks)
-        top.xaxis.set_minor_locator(NullLocator())
-        top.set_xticklabels([f"{math.sqrt(t) * patch:.0f}" for t in ticks])
-        top.set_xlabel(f"image side (px, patch {patch:.0f})")
-        top.tick_params(labelsize=8)
-    ax.tick_params(axis="x", labelsize=8)
-
-
-def _status_handles(statuses: set[str]) -> list[Line2D]:
-    handles = []
-    seen = set()
-    for status in STATUS_MARKERS:
-        if status in statuses:
-            marker, text = STATUS_MARKERS[status]
-            if text in seen:
-                continue
-            seen.add(text)
-            handles.append(Line2D([], [], linestyle="none", marker=marker, markersize=8, markerfacecolor="0.6",
-                                  markeredgecolor="black", label=text))
-    return handles
-
-
-def _legend(ax, handles: list, title: str | None = None) -> None:
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-              title=title, title_fontsize=8, borderaxespad=0.0)
-
-
-def _new_figure(width: float = 10.0, height: float = 5.6) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(width, height))
-    ax = fig.add_subplot(1, 1, 1)
-    return fig, ax
-
-
 # --------------------------------------------------------------------------------------- sweep figures
-
-
 
 
 def metric_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]]:
@@ -321,8 +180,6 @@ def metric_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) ->
     return fig, info
 
 
-
-
 def exponent_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]]:
     rows = exponent_rows(run, g)
     n = len(rows)
@@ -374,12 +231,6 @@ def exponent_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[F
 # ------------------------------------------------------------------------------------------- pairs
 
 
-
-
-
-
-
-
 def speedup_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]] | None:
     sp = speedups(run, g)
     if sp.empty:
@@ -417,128 +268,10 @@ def speedup_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Fi
     return fig, {"speedups": sp}
 
 
-def span_ok(lo: float, hi: float) -> bool:
-    """Label minor ticks of a log axis only when it spans less than a decade (else they crowd)."""
-    return hi / lo < 10
-
-
 # ------------------------------------------------------------------------------------ shape figures
 
 
-
-
-def _shape_ticklabels(g: pd.DataFrame, shapes: list[str]) -> list[str]:
-    out = []
-    for s in shapes:
-        r = g[g["shape"] == s].iloc[0]
-        grid = f"{int(r['grid_h'])}x{int(r['grid_w'])}" if r.get("grid_h") == r.get("grid_h") else ""
-        out.append(f"{s}\n{grid} tokens\ndim {int(r['dim'])}, {int(r['heads'])} heads")
-    return out
-
-
-def bar_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]]:
-    """One metric per named shape (stage) as grouped bars; failed cells shown by their status."""
-    metric = metric_of(key, g)
-    timed = key in ("latency", "throughput")  # noisiness is a property of the timing
-    shapes = shape_order(run, g)
-    series = series_of(run, g)
-    fig, ax = _new_figure(10.0, 5.2)
-    width = 0.8 / max(len(series), 1)
-    info: dict[str, Any] = {"metric": key, "series": [], "marked": []}
-    handles = []
-    top = 0.0
-    bars = []
-    for j, (name, label, rows) in enumerate(series):
-        st = run.styles.get(label, Style("black", "o"))
-        info["series"].append({"name": name, "label": label})
-        for i, s in enumerate(shapes):
-            r = rows[rows["shape"] == s]
-            if r.empty:
-                continue
-            r = r.iloc[0]
-            x = i - 0.4 + width * (j + 0.5)
-            v = float(r[metric.column]) / metric.scale if r[metric.column] == r[metric.column] else math.nan
-            if r["status"] == "ok" or (metric.complete and v == v):
-                if v == v:
-                    hatch = "//" if r["status"] != "ok" else None
-                    ax.bar(x, v, width * 0.92, color=st.color if r["status"] == "ok" else "white",
-                           edgecolor=st.color, hatch=hatch, linewidth=1.2)
-                    bars.append((x, v, r))
-                    top = max(top, v)
-                if r["status"] != "ok":
-                    info["marked"].append({"label": label, "series": name, "shape": s, "status": r["status"],
-                                           "value": v, "placement": "counted"})
-            else:
-                bars.append((x, math.nan, r))
-                info["marked"].append({"label": label, "series": name, "shape": s, "status": r["status"],
-                                       "value": math.nan, "placement": "strip"})
-        handles.append(mcolors_patch(st.color, name))
-    for x, v, r in bars:
-        if v == v:
-            ax.annotate(f"{v:.3g}" + ("~" if timed and r["noisy"] and r["status"] == "ok" else ""), (x, v),
-                        textcoords="offset points", xytext=(0, 2), ha="center", va="bottom", fontsize=7, rotation=90
-                        if len(series) > 4 else 0)
-        else:
-            word = {"oom": "OOM", "over_budget": "budget", "unsupported": "n/a"}.get(r["status"], r["status"])
-            ax.text(x, top * 0.02, word, rotation=90, ha="center", va="bottom", fontsize=8, color="black")
-    ax.set_xticks(range(len(shapes)))
-    ax.set_xticklabels(_shape_ticklabels(g, shapes), fontsize=8)
-    ax.set_ylabel(metric.axis)
-    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
-    ax.grid(True, axis="y", alpha=0.3)
-    extra = []
-    if timed and g["noisy"].any():
-        extra.append(Line2D([], [], linestyle="none", label="~ noisy: IQR > 10% of the median"))
-    if any(m["placement"] == "counted" for m in info["marked"]):
-        extra.append(mcolors_patch("white", "counted, not measured", hatch="//", edge="0.3"))
-    _legend(ax, handles + extra)
-    ax.set_title(title_for(run, f"{metric.title} by stage", dtype, mode, g), fontsize=10)
-    return fig, info
-
-
-def mcolors_patch(color: str, label: str, hatch: str | None = None, edge: str | None = None):
-    from matplotlib.patches import Patch
-
-    return Patch(facecolor=color, edgecolor=edge or color, hatch=hatch, label=label)
-
-
-def _speedup_bars(run: Run, g: pd.DataFrame, sp: pd.DataFrame, dtype: str, mode: str):
-    shapes = shape_order(run, g)
-    pairs = list(dict.fromkeys(sp["pair"]))
-    fig, ax = _new_figure(10.0, 5.0)
-    width = 0.8 / len(pairs)
-    handles = []
-    top = 1.0
-    for j, pair in enumerate(pairs):
-        s = sp[sp["pair"] == pair]
-        st = run.styles.get(s["candidate"].iloc[0], Style("black", "o"))
-        for i, shape in enumerate(shapes):
-            r = s[s["shape"] == shape]
-            if r.empty:
-                continue
-            v = float(r["speedup"].iloc[0])
-            x = i - 0.4 + width * (j + 0.5)
-            ax.bar(x, v, width * 0.92, color=st.color)
-            ax.annotate(f"{v:.2f}x", (x, v), textcoords="offset points", xytext=(0, 2), ha="center", va="bottom",
-                        fontsize=8)
-            top = max(top, v)
-        handles.append(mcolors_patch(st.color, pair))
-    ax.axhline(1.0, color="black", linewidth=0.9)
-    ax.set_xticks(range(len(shapes)))
-    ax.set_xticklabels(_shape_ticklabels(g, shapes), fontsize=8)
-    ax.set_ylim(0, top * 1.15)
-    ax.set_ylabel("speed-up (baseline latency / candidate latency)\n> 1: the first-named is faster")
-    ax.grid(True, axis="y", alpha=0.3)
-    _legend(ax, handles, "candidate over baseline")
-    ax.set_title(title_for(run, "speed-ups by stage", dtype, mode, g), fontsize=10)
-    return fig, {"speedups": sp}
-
-
 # ---------------------------------------------------------------------------------------- roofline
-
-
-
-
 
 
 def roofline_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]] | None:
@@ -641,19 +374,5 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             save_png(fig, path)
             paths.append(path)
     return paths
-
-
-def save_png(fig: Figure, path: Path) -> None:
-    """Save as PNG, quantized to a 256-colour palette (a third of the size, same look for line plots)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    try:
-        from PIL import Image
-
-        buf.seek(0)
-        with Image.open(buf) as im:
-            im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
-    except (ImportError, AttributeError, OSError):
-        path.write_bytes(buf.getvalue())
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
