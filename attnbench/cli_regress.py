@@ -21,7 +21,8 @@ FRACTION_HELP = FRACTION_TEXT.replace("%", "%%")
 
 def _thresholds(args: argparse.Namespace, *names: str) -> None:
     """Parse the threshold options in place (``10%`` or ``0.1``); a malformed one is bad input (exit 2)."""
-    from .analysis.compare import CompareError, parse_fraction
+    from .analysis.compare import CompareError
+    from .analysis.gate import parse_fraction
 
     for name in names:
         setattr(args, name, parse_fraction(getattr(args, name), "--" + name.replace("_", "-")))
@@ -57,19 +58,19 @@ def _target_run(target: Path | None, args: argparse.Namespace, what: str) -> Pat
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .analysis import compare
+    from .analysis import compare, gate
 
     _thresholds(args, "min_effect", "memory_growth")
     cmp = compare.compare_runs(args.base, args.new, alpha=args.alpha, min_effect=args.min_effect,
                                memory_growth=args.memory_growth,
                                memory_floor_bytes=args.memory_floor * 2**20 if args.memory_floor is not None else None,
                                normalize=args.normalize)
-    print(compare.comparison_text(cmp, verbose=args.verbose))
+    print(gate.comparison_text(cmp, verbose=args.verbose))
     return EXIT_OK
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .analysis import baseline, compare
+    from .analysis import baseline, compare, gate
 
     _thresholds(args, "min_effect", "max_memory_growth", "max_slowdown")
     if args.target is None and args.baseline == "auto":
@@ -92,15 +93,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
                                    memory_growth=args.max_memory_growth, memory_floor_bytes=(
                                        args.memory_floor * 2**20 if args.memory_floor is not None else None),
                                    normalize=args.normalize)
-        return cmp, compare.check(cmp, max_slowdown=args.max_slowdown, max_memory_growth=args.max_memory_growth,
+        return cmp, gate.check(cmp, max_slowdown=args.max_slowdown, max_memory_growth=args.max_memory_growth,
                                   fail_on_flops=not args.allow_flops_change, fail_on_missing=args.fail_on_missing)
 
     cmp, failures = judge(run_dir)
-    print(compare.comparison_text(cmp, verbose=args.verbose))
+    print(gate.comparison_text(cmp, verbose=args.verbose))
     if failures and args.retries and not is_suite:
         print("\nnote: --retries re-measures only when a SUITE is given; judging the run folder as it is")
     for attempt in range(1, args.retries + 1 if is_suite else 1):
-        noisy = [f for f in failures if f.metric.metric in compare.RETRIABLE]
+        noisy = [f for f in failures if f.metric.metric in gate.RETRIABLE]
         if not noisy:
             break
         print(f"\n{len(noisy)} latency/memory/status failure(s): re-running the suite to confirm them "
@@ -114,7 +115,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                            progress=not args.no_progress, results_root=args.results_root)
         print(f"run folder: {result.run_dir} ({result.measured} cells measured)", flush=True)
         _, again = judge(result.run_dir)
-        failures, cleared = compare.confirm(failures, again)
+        failures, cleared = gate.confirm(failures, again)
         for f in cleared:
             print(f"not confirmed (passed on retry {attempt}): {f.cell.label}: {f.why}")
     rules = (f"latency +{100 * args.max_slowdown:g}% at p < {args.alpha:g}"
@@ -125,7 +126,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
              f"{f', latency/memory/status failures confirmed by up to {args.retries} re-run(s)' if args.retries and is_suite else ''}")
     if failures:
         print()
-        print(compare.failures_text(failures))
+        print(gate.failures_text(failures))
         print(f"\ncheck FAILED: {len(failures)} regression(s) beyond the thresholds ({rules}); baseline {base}")
         return EXIT_REGRESSION
     print(f"\ncheck passed: no significant regression beyond the thresholds ({rules}); baseline {base}")

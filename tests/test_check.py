@@ -8,10 +8,11 @@ import pytest
 
 from attnbench import store
 from attnbench.analysis import baseline as bl
-from attnbench.analysis.compare import check, compare_runs
+from attnbench.analysis.compare import compare_runs
+from attnbench.analysis.gate import check
 from attnbench.cli import main
-from conftest import ROOT
-from test_compare import ENV, cell, planted_pair, write_run
+from conftest import ROOT, SYNTH_ENV, planted_pair, suite_file, write_rows, write_run
+from conftest import sampled_row as cell
 
 CI_BASELINE = ROOT / "results" / "baselines" / "cpu-amd-epyc-1t" / "ci_smoke"
 # the thresholds .ci/run uses (it adds --retries 3, which needs a suite to re-run)
@@ -88,7 +89,7 @@ def test_check_bad_input_exit_2(tmp_path, capsys):
 
 
 def test_device_keys():
-    assert bl.device_key(ENV) == "cpu-amd-epyc-1t"
+    assert bl.device_key(SYNTH_ENV) == "cpu-amd-epyc-1t"
     assert bl.device_key({"gpu": {"name": "NVIDIA H100 80GB HBM3"}, "cpu": {"model": "x"}}) == "nvidia-h100-80gb-hbm3"
     assert bl.device_key({"cpu": {"model": "Intel(R) Xeon(R) Platinum 8480+", "logical_cores": 8}}) == \
         "cpu-intel-r-xeon-r-platinum-8480-8t"
@@ -159,10 +160,9 @@ class SleepyCheck(torch.nn.Module):
 
 def test_check_suite_with_planted_slowdown(tmp_path, monkeypatch, capsys):
     (tmp_path / "sleepy.py").write_text(SLEEPY_PLUGIN)
-    suite = tmp_path / "s.yaml"
-    suite.write_text("name: sleepy\ndevice: cpu\ndim: 16\nheads: 2\nresolution: [32]\nthreads: 1\n"
-                     "measure_peaks: false\nplugins: [sleepy.py]\nimpls: [sleepy.check, mha.sdpa]\n"
-                     "timing: {warmup_s: 0.0, target_s: 0.03, min_repeats: 20, max_repeats: 30}\n")
+    suite = suite_file(tmp_path, ["sleepy.check", "mha.sdpa"], filename="s.yaml", name="sleepy", threads=1,
+                       plugins=["sleepy.py"], timing={"warmup_s": 0.0, "target_s": 0.03, "min_repeats": 20,
+                                                      "max_repeats": 30})
     root = tmp_path / "baselines"
     monkeypatch.setenv("SLEEPY_CHECK_MS", "1")
     assert main(["baseline", "update", str(suite), "--root", str(root), "--out", str(tmp_path / "b"),
@@ -190,8 +190,7 @@ def _planted_copy(tmp_path, edit):
     shutil.copytree(CI_BASELINE, new)
     rows = store.read_rows(new)
     edit(rows)
-    (new / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return new
+    return write_rows(new, rows)
 
 
 def test_ci_flags_fail_on_a_planted_slowdown(tmp_path, capsys):

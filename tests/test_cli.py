@@ -10,22 +10,7 @@ import pytest
 
 from attnbench import store
 from attnbench.cli import main
-from conftest import ROOT
-
-TOY = ROOT / "tests" / "plugins" / "toy.py"
-TINY = f"""
-name: tiny
-device: cpu
-dim: 16
-heads: 2
-resolution: [32, 48]
-plugins: [{TOY}]
-impls:
-  - mha.sdpa
-  - sra.conv: {{sr_ratio: 2}}
-  - toy.fail
-timing: {{warmup_s: 0.0, target_s: 0.01, min_repeats: 3, max_repeats: 5}}
-"""
+from conftest import ROOT, suite_file
 
 
 def cli(*args, cwd=None, timeout=300):
@@ -36,9 +21,8 @@ def cli(*args, cwd=None, timeout=300):
 
 @pytest.fixture
 def tiny(tmp_path):
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY)
-    return p
+    return suite_file(tmp_path, ["mha.sdpa", {"sra.conv": {"sr_ratio": 2}}, "toy.fail"], resolution=(32, 48),
+                      filename="tiny.yaml", name="tiny", measure_peaks=True)
 
 
 def test_run_end_to_end(tiny, tmp_path):
@@ -120,16 +104,9 @@ def test_existing_run_needs_resume(tiny, tmp_path, capsys):
 
 def test_resume_after_kill(tmp_path):
     """Kill a run mid-sweep; --resume finishes it with every cell once and no finished cell lost."""
-    suite = _write(tmp_path, f"""
-name: slowish
-device: cpu
-dim: 16
-heads: 2
-resolution: [32, 48, 64, 80]
-plugins: [{TOY}]
-impls: [toy.slow, toy.proj]
-timing: {{warmup_s: 0.0, target_s: 0.3, min_repeats: 5, max_repeats: 50}}
-""")
+    suite = suite_file(tmp_path, ["toy.slow", "toy.proj"], resolution=(32, 48, 64, 80), filename="s.yaml",
+                       name="slowish", measure_peaks=True,
+                       timing={"warmup_s": 0.0, "target_s": 0.3, "min_repeats": 5, "max_repeats": 50})
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "attnbench", "run", str(suite), "--out", str(out), "--no-progress"],

@@ -1,56 +1,14 @@
 """`attnbench compare` on synthetic runs with planted changes: one real slowdown, one noise-only
 difference, one FLOPs change, one cell on one side only, memory growth, a status change."""
 
-import json
-
-import numpy as np
 import pytest
 
 from attnbench.analysis import compare as cmp_mod
-from attnbench.analysis.compare import compare_runs, parse_fraction
+from attnbench.analysis.compare import compare_runs
+from attnbench.analysis.gate import parse_fraction
 from attnbench.cli import main
-
-ENV = {"device": "cpu", "gpu": None, "cpu": {"model": "AMD EPYC", "logical_cores": 2}, "suite_name": "synth",
-       "torch": {"version": "2.15.0", "num_threads": 1}, "memory_method": "rss_hwm_delta"}
-
-
-def cell(impl, resolution, median_ms, *, seed, n=60, sigma=0.05, flops=10**9, params_count=1000, mem=50 * 2**20,
-         status="ok", params=None):
-    """One row like the runner's, with lognormal latency samples around ``median_ms``."""
-    rng = np.random.default_rng(seed)
-    row = {"cell_id": f"{impl}-{resolution}", "impl": impl, "label": impl, "family": impl.split(".")[0],
-           "params": params or {}, "resolution": resolution, "patch": 4, "shape": "", "tokens": (resolution // 4) ** 2,
-           "batch": 1, "dim": 96, "heads": 3, "dtype": "float32", "mode": "forward", "device": "cpu",
-           "status": status, "message": "" if status == "ok" else f"{status}: planted",
-           "flops_analytic": flops, "flops_torch": flops, "macs_fvcore": flops // 2, "params_count": params_count}
-    if status == "ok":
-        samples = (median_ms * rng.lognormal(0.0, sigma, n)).tolist()
-        row.update(latency_ms_samples=samples, latency_ms_median=float(np.median(samples)), latency_n=n,
-                   latency_ms_iqr=float(np.subtract(*np.percentile(samples, [75, 25]))),
-                   peak_mem_bytes=float(mem), peak_mem_method="rss_hwm_delta")
-    return row
-
-
-def write_run(path, rows, env=None):
-    path.mkdir(parents=True)
-    (path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path / "env.json").write_text(json.dumps(env or ENV))
-    (path / "suite.yaml").write_text("name: synth\n")
-    return path
-
-
-def planted_pair(tmp_path):
-    """BASE and NEW: slow (+30%, real), noise (same distribution, new seed), flops (changed count),
-    gone (base only), added (new only), mem (peak +40 MiB), oom (ok -> oom), tiny (memory +300 KiB)."""
-    base = [cell("mha.sdpa", 224, 10.0, seed=1), cell("sra.conv", 224, 2.0, seed=2),
-            cell("swin.window", 224, 3.0, seed=3), cell("mvit.pool", 224, 5.0, seed=4),
-            cell("local.im2col", 224, 50.0, seed=5), cell("mha.math", 224, 30.0, seed=6),
-            cell("sra.linear", 224, 1.5, seed=7), cell("swin.shift_pad", 224, 4.0, seed=8, mem=1 * 2**20)]
-    new = [cell("mha.sdpa", 224, 13.0, seed=11), cell("sra.conv", 224, 2.0, seed=12),
-           cell("swin.window", 224, 3.0, seed=13, flops=10**9 + 4096), cell("local.slide", 224, 60.0, seed=15),
-           cell("mha.math", 224, 30.0, seed=16, mem=90 * 2**20), cell("sra.linear", 224, 0, seed=17, status="oom"),
-           cell("swin.shift_pad", 224, 4.0, seed=18, mem=1 * 2**20 + 300 * 1024)]
-    return write_run(tmp_path / "base", base), write_run(tmp_path / "new", new)
+from conftest import planted_pair, run_without, write_run
+from conftest import sampled_row as cell
 
 
 def by_impl(cmp):
@@ -159,15 +117,8 @@ def test_compare_cli(tmp_path, capsys):
 
 
 def test_compare_needs_no_torch(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     base, new = planted_pair(tmp_path)
-    code = ("import sys; from attnbench.cli import main; rc = main(['compare', sys.argv[1], sys.argv[2]]);"
-            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
-    r = subprocess.run([sys.executable, "-c", code, str(base), str(new)], capture_output=True, text=True,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    code = "import sys; from attnbench.cli import main; sys.exit(main(['compare', sys.argv[1], sys.argv[2]]))"
+    r = run_without(code, base, new)
     assert r.returncode == 0, r.stderr
     assert "slower" in r.stdout

@@ -1,115 +1,18 @@
 """Plots from a stored results folder: no torch, failed cells marked, pairs matched, images valid."""
 
-import json
-import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
 
 from attnbench.analysis import plots
 from attnbench.cli import main
 from attnbench.errors import RunDirError
-
-ROOT = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RESOLUTIONS = [224, 320, 384, 448, 512, 640, 768, 896, 1024]
-
-# label, impl, family, params, k (latency ~ N^k), latency at 224 px (ms), first failing resolution and its status
-SERIES = [
-    ("mha.sdpa", "mha.sdpa", "mha", {}, 2.0, 30.0, None, None),
-    ("mha.math", "mha.math", "mha", {}, 2.0, 120.0, 512, "over_budget"),
-    ("swin.shift_pad(window=7)", "swin.shift_pad", "swin", {"window": 7}, 1.0, 4.0, None, None),
-    ("swin.shift_cyclic(window=7)", "swin.shift_cyclic", "swin", {"window": 7}, 1.0, 3.0, None, None),
-    ("local.im2col(kernel=3)", "local.im2col", "local", {"kernel": 3}, 1.0, 20.0, None, None),
-    ("local.shift_dwconv(kernel=3)", "local.shift_dwconv", "local", {"kernel": 3}, 1.0, 30.0, None, None),
-    ("local.im2col(kernel=5)", "local.im2col", "local", {"kernel": 5}, 1.0, 40.0, None, None),
-    ("toy.oom", "toy.oom", "toy", {}, 1.0, 1.0, 224, "oom"),
-    ("toy.fail", "toy.fail", "toy", {}, 1.0, 1.0, 448, "error"),
-]
-
-
-def _row(label, impl, family, params, res, *, patch=4, dim=96, heads=3, batch=1, dtype="float32", mode="forward",
-         shape="", status="ok", message="", latency=None, k=1.0, noisy=False):
-    g = res // patch
-    n = g * g
-    flops = 2e4 * n ** k
-    row = {"impl": impl, "label": label, "family": family, "resolution": res, "patch": patch, "shape": shape,
-           "tokens": n, "grid_h": g, "grid_w": g, "batch": batch, "dim": dim, "heads": heads, "dtype": dtype,
-           "mode": mode, "device": "cpu", "params": params, "status": status, "message": message,
-           "params_count": 4 * dim * dim, "flops_analytic": int(flops), "flops_torch": int(flops), "cpu_threads": 2}
-    if status == "ok":
-        row.update({"latency_ms_median": latency, "latency_ms_iqr": latency * (0.2 if noisy else 0.02),
-                    "latency_ms_p10": latency * 0.97, "latency_ms_p90": latency * 1.05, "noisy": noisy,
-                    "peak_mem_bytes": 1e4 * n ** k, "throughput_img_s": batch / (latency / 1e3),
-                    "throughput_tok_s": batch * n / (latency / 1e3)})
-    else:
-        row.update({"latency_ms_median": math.nan, "peak_mem_bytes": math.nan})
-    return row
-
-
-def make_run(root: Path, *, peaks: bool = True, seed: int = 0, pairs=None) -> Path:
-    """A synthetic run folder: known exponents, 3% noise, an over-budget series, an OOM one, an error cell."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for label, impl, family, params, k, lat0, fail_at, fail_status in SERIES:
-        failed = False
-        for res in RESOLUTIONS:
-            n = (res // 4) ** 2
-            lat = lat0 * (n / 3136) ** k * math.exp(rng.normal(0, 0.03))
-            if fail_at is not None and res >= fail_at and (fail_status != "error" or res == fail_at):
-                msg = {"over_budget": "predicted 9 s per call exceeds the cell budget of 20 s",
-                       "oom": "OutOfMemoryError: CUDA out of memory (toy)",
-                       "error": "RuntimeError: toy failure on a wide grid"}[fail_status]
-                if failed and fail_status == "over_budget":
-                    msg = f"skipped: resolution {fail_at} was over_budget"
-                rows.append(_row(label, impl, family, params, res, k=k, status=fail_status, message=msg))
-                failed = True
-            else:
-                rows.append(_row(label, impl, family, params, res, k=k, latency=lat, noisy=(res == 320)))
-    with open(root / "rows.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    env = {"device": "cpu", "gpu": None, "cpu": {"model": "Test CPU", "logical_cores": 2},
-           "torch": {"version": "2.15.0", "num_threads": 2}}
-    if peaks:
-        env["peaks"] = {"matmul_tflops": {"float32": 0.5}, "copy_gb_s": 20.0}
-    (root / "env.json").write_text(json.dumps(env))
-    suite = {"name": "synth", "resolution": RESOLUTIONS, "patch": 4,
-             "pairs": pairs if pairs is not None else [["swin.shift_cyclic(window=7)", "mha.sdpa"]]}
-    (root / "suite.yaml").write_text(yaml.safe_dump(suite))
-    return root
-
-
-def make_shape_run(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    stages = [("S1", 4, 96, 3), ("S2", 8, 192, 6), ("S3", 16, 384, 12), ("S4", 32, 768, 24)]
-    rows = []
-    for label, impl, lat in (("swin.window(window=7)", "swin.window", 100.0),
-                             ("swin.shift_pad(window=7)", "swin.shift_pad", 300.0),
-                             ("swin.shift_cyclic(window=7)", "swin.shift_cyclic", 150.0)):
-        for i, (name, patch, dim, heads) in enumerate(stages):
-            status = "oom" if (impl == "swin.shift_pad" and name == "S4") else "ok"
-            rows.append(_row(label, impl, "swin", {"window": 7}, 224, patch=patch, dim=dim, heads=heads, batch=64,
-                             shape=name, latency=lat / (i + 1), status=status,
-                             message="OutOfMemoryError" if status != "ok" else ""))
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "env.json").write_text(json.dumps({"device": "cpu", "gpu": None, "cpu": {"model": "Test CPU"},
-                                               "peaks": {"matmul_tflops": {"float32": 0.5}, "copy_gb_s": 20.0}}))
-    (root / "suite.yaml").write_text(yaml.safe_dump({"name": "stages", "shapes": [
-        {"name": n, "resolution": 224, "patch": p, "dim": d, "heads": h} for n, p, d, h in stages]}))
-    return root
-
+from conftest import PNG_MAGIC, RESOLUTIONS, ROOT, SERIES, make_shape_run, make_sweep_run, run_without, suite_file
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    run_dir = make_run(tmp_path_factory.mktemp("synth") / "run")
+    run_dir = make_sweep_run(tmp_path_factory.mktemp("synth") / "run")
     run = plots.load_run(run_dir)
     figs = {name: (fig, info) for name, fig, info in plots.build_figures(run)}
     return run_dir, run, figs
@@ -201,7 +104,7 @@ def test_roofline_only_with_peaks(synth, tmp_path):
     row = pts.iloc[0]
     assert row["ai"] == pytest.approx(row["flops"] / (4 * (row["params_count"] + 2 * row["tokens"] * row["dim"])))
     assert info["peak_tflops"] == 0.5 and info["copy_gb_s"] == 20.0
-    bare = plots.load_run(make_run(tmp_path / "nopeaks", peaks=False))
+    bare = plots.load_run(make_sweep_run(tmp_path / "nopeaks", peaks=False))
     assert not any(n.startswith("roofline") for n, _f, _i in plots.build_figures(bare))
 
 
@@ -240,24 +143,19 @@ def _check_png(path: Path) -> None:
 
 
 def test_plot_run_writes_pngs_without_torch(tmp_path):
-    synth_dir = make_run(tmp_path / "synth")
+    synth_dir = make_sweep_run(tmp_path / "synth")
     ref = tmp_path / "swin_shift"
     ref.mkdir()
     for name in ("rows.jsonl", "env.json", "suite.yaml"):
         shutil.copy(ROOT / "results" / "reference" / "swin_shift-cpu" / name, ref / name)
     code = f"""
-import sys
 from attnbench.analysis.plots import plot_run
 for d in {[str(synth_dir), str(ref)]!r}:
     for p in plot_run(d):
         print(p)
-assert 'torch' not in sys.modules, 'torch was imported'
-print('NO_TORCH')
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = run_without(code)
     assert r.returncode == 0, r.stderr
-    assert "NO_TORCH" in r.stdout
     paths = [Path(line) for line in r.stdout.splitlines() if line.endswith(".png")]
     assert len(paths) == 7 + 6  # the reference run measured the device's peaks: it has a roofline
     assert any(p.name.startswith("roofline") and p.parent.parent == ref for p in paths)
@@ -269,18 +167,7 @@ print('NO_TORCH')
 
 
 def test_run_plots_at_the_end_and_a_plot_failure_only_warns(tmp_path, monkeypatch, capsys):
-    suite = tmp_path / "t.yaml"
-    suite.write_text(f"""
-name: t
-device: cpu
-dim: 16
-heads: 2
-resolution: [32, 48, 64]
-plugins: [{ROOT / 'tests' / 'plugins' / 'toy.py'}]
-measure_peaks: false
-impls: [toy.proj]
-timing: {{warmup_s: 0.0, target_s: 0.01, min_repeats: 3, max_repeats: 5}}
-""")
+    suite = suite_file(tmp_path, ["toy.proj"], resolution=(32, 48, 64), filename="t.yaml")
     assert main(["run", str(suite), "--out", str(tmp_path / "ok"), "--no-progress"]) == 0
     assert "plots: 5 PNG(s)" in capsys.readouterr().out
     assert len(list((tmp_path / "ok" / "plots").glob("*.png"))) == 5

@@ -13,17 +13,8 @@ from attnbench.cell import CellContext
 from attnbench.job import CellSettings
 from attnbench.measure import peaks, telemetry, timing
 from attnbench.runner import prepare, run_suite
-from attnbench.suite import parse_suite
-from conftest import ROOT
-
-FAST = {"warmup_s": 0.0, "target_s": 0.01, "min_repeats": 3, "max_repeats": 5}
-
-
-def suite(impls, resolution=(32,), **kw):
-    d = {"name": "t", "device": "cpu", "dim": 16, "heads": 2, "resolution": list(resolution),
-         "plugins": [str(ROOT / "tests" / "plugins" / "toy.py")], "impls": impls, "timing": FAST,
-         "measure_peaks": False, **kw}
-    return parse_suite(d)
+from conftest import FAST_TIMING, ROOT, suite_file
+from conftest import make_suite as suite
 
 
 # --- calibration ---------------------------------------------------------------------------------
@@ -138,7 +129,6 @@ def test_telemetry_absent_without_gpu(tmp_path):
 
 
 def test_throttled_cells_are_listed():
-    from attnbench import store
     import pandas as pd
 
     df = pd.DataFrame([{"label": "a", "resolution": 224, "shape": "", "tokens": 3136, "batch": 1, "dtype": "bfloat16",
@@ -228,9 +218,7 @@ def test_throttled_cell_is_recorded_and_warned(tmp_path, monkeypatch, capsys):
         return ctx
 
     monkeypatch.setattr(CellContext, "create", create)
-    path = tmp_path / "s.yaml"
-    path.write_text(json.dumps({"name": "t", "device": "cpu", "dim": 16, "heads": 2, "resolution": [32],
-                                "impls": ["mha.sdpa"], "timing": FAST, "measure_peaks": False}))
+    path = suite_file(tmp_path, ["mha.sdpa"], filename="s.yaml")
     code = cli.main(["run", str(path), "--out", str(tmp_path / "r"), "--no-progress"])
     row = attnbench.load_results(tmp_path / "r").iloc[0]
     assert code == 0 and row["status"] == "ok" and row["telemetry"] == "nvml"
@@ -241,7 +229,7 @@ def test_throttled_cell_is_recorded_and_warned(tmp_path, monkeypatch, capsys):
 
 
 def test_sentinel_records_device_speed_and_flags_drift(tmp_path, monkeypatch, capsys):
-    from attnbench import cli, store
+    from attnbench import cli
 
     assert peaks.sentinel_tflops(torch.device("cpu")) > 0
     # the run's start, then a reading before and after each cell: the second cell ran slow throughout,
@@ -249,9 +237,7 @@ def test_sentinel_records_device_speed_and_flags_drift(tmp_path, monkeypatch, ca
     speeds = iter([1.0, 1.0, 1.0, 0.7, 0.7, 0.6, 1.0])
 
     monkeypatch.setattr(peaks, "sentinel_tflops", lambda device, repeats=5: next(speeds))
-    path = tmp_path / "s.yaml"
-    path.write_text(json.dumps({"name": "t", "device": "cpu", "dim": 16, "heads": 2, "resolution": [32, 48, 64],
-                                "impls": ["mha.sdpa"], "timing": FAST, "measure_peaks": False}))
+    path = suite_file(tmp_path, ["mha.sdpa"], resolution=(32, 48, 64), filename="s.yaml")
     assert cli.main(["run", str(path), "--out", str(tmp_path / "r"), "--no-progress"]) == 0
     df = attnbench.load_results(tmp_path / "r")
     assert list(df["device_speed_before"]) == [1.0, 0.7, 0.6] and list(df["device_speed_after"]) == [1.0, 0.7, 1.0]
@@ -264,7 +250,7 @@ def test_sentinel_records_device_speed_and_flags_drift(tmp_path, monkeypatch, ca
 
 
 def test_sentinel_can_be_turned_off(tmp_path):
-    res = run_suite(suite(["mha.sdpa"], timing={**FAST, "sentinel": False}), out=tmp_path / "r", progress=False)
+    res = run_suite(suite(["mha.sdpa"], timing={**FAST_TIMING, "sentinel": False}), out=tmp_path / "r", progress=False)
     assert "device_speed" not in res.rows[0]
     assert json.loads((res.run_dir / "env.json").read_text())["sentinel_tflops_start"] is None
 
@@ -321,7 +307,7 @@ def test_overhead_is_accounted(tmp_path):
 @pytest.mark.gpu
 def test_gpu_flush_graph_and_telemetry(tmp_path):
     s = suite(["mha.sdpa"], device="cuda", resolution=(64, 128), measure_peaks=True,
-              timing={**FAST, "cuda_graph": True, "l2_flush": True})
+              timing={**FAST_TIMING, "cuda_graph": True, "l2_flush": True})
     res = run_suite(s, out=tmp_path / "r", progress=False)
     for row in res.rows:
         assert row["status"] == "ok", row["message"]

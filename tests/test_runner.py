@@ -10,16 +10,12 @@ import yaml
 import attnbench
 from attnbench import store
 from attnbench.runner import prepare, run_suite
-from attnbench.suite import parse_suite
-from conftest import ROOT
-
-FAST = {"timing": {"warmup_s": 0.0, "target_s": 0.01, "min_repeats": 3, "max_repeats": 5}}
+from conftest import make_suite
 
 
 def suite(impls, resolution=(32, 48, 64), **kw):
-    d = {"name": "t", "device": "cpu", "dim": 16, "heads": 2, "patch": 4, "resolution": list(resolution),
-         "plugins": [str(ROOT / "tests" / "plugins" / "toy.py")], "impls": impls, **FAST, **kw}
-    return parse_suite(d)
+    """This file's sweeps: three resolutions by default, patch 4, the device's peaks measured (as by default)."""
+    return make_suite(impls, resolution, **{"patch": 4, "measure_peaks": True, **kw})
 
 
 def test_rows_have_every_measurement(tmp_path):
