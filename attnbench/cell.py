@@ -342,6 +342,5 @@ def run_job(job: Job) -> dict[str, Any]:
     for path in job.plugins:
         registry.load_plugin_file(Path(path))
     apply_globals(job.settings.threads, job.settings.tf32, torch.device(job.case.device))
-    gc.collect()
     gc.freeze()  # as in the in-process runner: the cell's final gc.collect() scans only its own objects
     return measure_cell(job)

@@ -42,6 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .analysis.summary import summary_text
     from .device import dtype_problem
     from .runner import prepare, run_suite
+    from .schema import Status
 
     suite, dev, cases = prepare(args.suite, args.device, args.only)  # everything validated before running
     print(f"attnbench: suite {suite.name!r}: {len(cases)} cells on {dev}", file=sys.stderr)
@@ -70,17 +71,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"({', '.join(sorted(set(','.join(throttled['throttled']).split(','))))}); see the throttled column",
               file=sys.stderr)
     if "drift" in df:
-        drifted = df[(df["status"] == "ok") & df["drift"].fillna(False).astype(bool)]
+        drifted = df[(df["status"] == Status.OK) & df["drift"].fillna(False).astype(bool)]
         if len(drifted):
             lo, hi = drifted["device_speed"].min(), drifted["device_speed"].max()
             speed = f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}x to {hi:.2f}x"
             print(f"attnbench: warning: {len(drifted)} cell(s) were measured while the device ran at {speed} its "
                   "speed at the start of the run (sentinel matmul, before and after the cell); see the device_speed "
                   "column", file=sys.stderr)
-    failed = df[df["status"].isin(["error"])]
+    failed = df[df["status"] == Status.ERROR]
     if len(failed):
         print(f"attnbench: {len(failed)} cell(s) raised; see {result.run_dir / 'errors.log'}", file=sys.stderr)
     try:  # the rows are safe on disk; a plotting failure only warns
+        from .analysis.run import figure_plan, load_run
+
+        if not figure_plan(load_run(result.run_dir)):  # nothing to draw: matplotlib is not even imported
+            print("plots: none (a figure needs two points; see the tables above)")
+            return EXIT_OK
         from .analysis.plots import plot_run
 
         plots = plot_run(result.run_dir)

@@ -193,3 +193,22 @@ def test_a_declared_column_flows_to_store_baselines_compare_and_report(tmp_path)
     assert shown is not None and shown.verdict == compare.SHOWN and not shown.significant
     assert "latency_cv" in gate.comparison_text(cmp, verbose=True)
     assert "coefficient of variation" in summary.summary_text(attnbench.load_results(a.run_dir))
+
+
+def test_a_run_of_one_point_per_series_draws_no_figure(tmp_path, capsys):
+    from attnbench.analysis import run as runs
+    from conftest import suite_file
+
+    path = suite_file(tmp_path, ["toy.proj"], resolution=(32,), measure_peaks=True)
+    assert main(["run", str(path), "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    assert "plots: none" in capsys.readouterr().out
+    assert runs.figure_plan(runs.load_run(tmp_path / "one")) == []  # one cell: no curve, one roofline point
+    path = suite_file(tmp_path, ["toy.proj", "mha.sdpa"], resolution=(32,), filename="pair.yaml", measure_peaks=True)
+    assert main(["run", str(path), "--out", str(tmp_path / "pair"), "--no-progress"]) == 0
+    assert [p[1] for p in runs.figure_plan(runs.load_run(tmp_path / "pair"))] == ["roofline"]  # two designs
+    path = suite_file(tmp_path, ["toy.proj"], resolution=(32, 48), filename="two.yaml", measure_peaks=True)
+    assert main(["run", str(path), "--out", str(tmp_path / "two"), "--no-progress"]) == 0
+    kinds = [kind for _name, kind, _d, _m in runs.figure_plan(runs.load_run(tmp_path / "two"))]
+    assert kinds == ["latency", "memory", "flops", "throughput", "exponents", "roofline"]
+    assert sorted(p.name for p in (tmp_path / "two" / "plots").glob("*.png")) == sorted(
+        n for n, *_ in runs.figure_plan(runs.load_run(tmp_path / "two")))

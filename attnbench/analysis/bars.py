@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .draw import Style, _legend, _new_figure, mcolors_patch, title_for
+from ..schema import Status, status_word
 from .run import Run, metric_of, series_of, shape_order
 
 
@@ -47,14 +48,14 @@ def bar_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tu
             r = r.iloc[0]
             x = i - 0.4 + width * (j + 0.5)
             v = float(r[metric.column]) / metric.scale if r[metric.column] == r[metric.column] else math.nan
-            if r["status"] == "ok" or (metric.complete and v == v):
+            if r["status"] == Status.OK or (metric.complete and v == v):
                 if v == v:
-                    hatch = "//" if r["status"] != "ok" else None
-                    ax.bar(x, v, width * 0.92, color=st.color if r["status"] == "ok" else "white",
+                    hatch = "//" if r["status"] != Status.OK else None
+                    ax.bar(x, v, width * 0.92, color=st.color if r["status"] == Status.OK else "white",
                            edgecolor=st.color, hatch=hatch, linewidth=1.2)
                     bars.append((x, v, r))
                     top = max(top, v)
-                if r["status"] != "ok":
+                if r["status"] != Status.OK:
                     info["marked"].append({"label": label, "series": name, "shape": s, "status": r["status"],
                                            "value": v, "placement": "counted"})
             else:
@@ -64,11 +65,11 @@ def bar_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tu
         handles.append(mcolors_patch(st.color, name))
     for x, v, r in bars:
         if v == v:
-            ax.annotate(f"{v:.3g}" + ("~" if timed and r["noisy"] and r["status"] == "ok" else ""), (x, v),
+            ax.annotate(f"{v:.3g}" + ("~" if timed and r["noisy"] and r["status"] == Status.OK else ""), (x, v),
                         textcoords="offset points", xytext=(0, 2), ha="center", va="bottom", fontsize=7, rotation=90
                         if len(series) > 4 else 0)
         else:
-            word = {"oom": "OOM", "over_budget": "budget", "unsupported": "n/a"}.get(r["status"], r["status"])
+            word = status_word(r["status"])
             ax.text(x, top * 0.02, word, rotation=90, ha="center", va="bottom", fontsize=8, color="black")
     ax.set_xticks(range(len(shapes)))
     ax.set_xticklabels(_shape_ticklabels(g, shapes), fontsize=8)

@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import schema, store
 from ..errors import AttnbenchError
+from ..schema import Status
 
 DEFAULT_ROOT = Path("results") / "baselines"
 META_FILE = "baseline.json"
@@ -146,7 +147,7 @@ def write_baseline(run_dir: str | Path, root: str | Path = DEFAULT_ROOT, full: b
             shutil.copy2(run_dir / "suite.yaml", dest / "suite.yaml")
     meta = {"source": str(run_dir), "written_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device_key": device_key(env), "suite": name, "compact": not full, "cells": len(rows),
-            "ok_cells": sum(r.get("status") == "ok" for r in rows), "git": env.get("git")}
+            "ok_cells": sum(r.get("status") == Status.OK for r in rows), "git": env.get("git")}
     (dest / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return dest
 
@@ -176,7 +177,7 @@ def github_benchmark_entries(run_dir: str | Path, memory: bool = False, prefix: 
     _require_run(run_dir)
     out = []
     for row in store.read_rows(run_dir):
-        if row.get("status") != "ok" or row.get("latency_ms_median") is None:
+        if row.get("status") != Status.OK or row.get("latency_ms_median") is None:
             continue
         name = f"{prefix}{describe(row)}"
         n, iqr = row.get("latency_n"), row.get("latency_ms_iqr")

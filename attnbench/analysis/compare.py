@@ -38,6 +38,7 @@ import numpy as np
 
 from .. import schema, store
 from ..errors import AttnbenchError
+from ..schema import Status
 from ..measurement import Latency, median_ms
 
 DEFAULT_ALPHA = 0.01
@@ -250,10 +251,10 @@ def exact_result(metric: str, base: dict[str, Any], new: dict[str, Any]) -> Metr
 
 
 def status_result(base: dict[str, Any], new: dict[str, Any]) -> MetricResult:
-    sb, sn = base.get("status", "ok"), new.get("status", "ok")
+    sb, sn = base.get("status", Status.OK), new.get("status", Status.OK)
     res = MetricResult("status", sb, sn, verdict=EQUAL)
     if sb != sn:
-        res.verdict = WORSE if sb == "ok" else BETTER if sn == "ok" else CHANGED
+        res.verdict = WORSE if sb == Status.OK else BETTER if sn == Status.OK else CHANGED
         res.note = str(new.get("message") or "")[:200]
     return res
 
@@ -297,7 +298,7 @@ def compare_runs(base_dir: str | Path, new_dir: str | Path, alpha: float = DEFAU
 
     ratios = []
     for k in common:
-        if ib[k].get("status", "ok") == "ok" and inew[k].get("status", "ok") == "ok":
+        if ib[k].get("status", Status.OK) == Status.OK and inew[k].get("status", Status.OK) == Status.OK:
             mb, mn = _median(ib[k]), _median(inew[k])
             if mb and mn and math.isfinite(mn / mb):
                 ratios.append(mn / mb)
@@ -309,7 +310,7 @@ def compare_runs(base_dir: str | Path, new_dir: str | Path, alpha: float = DEFAU
         b, n = ib[k], inew[k]
         cc = CellComparison(k, describe(n), b, n)
         cc.metrics.append(status_result(b, n))
-        if b.get("status", "ok") == "ok" and n.get("status", "ok") == "ok":
+        if b.get("status", Status.OK) == Status.OK and n.get("status", Status.OK) == Status.OK:
             lat = latency_result(b, n, alpha, min_effect, scale)
             if lat is not None:
                 cc.metrics.append(lat)

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
+from ..schema import Status  # noqa: E402
 from . import run as run_mod  # noqa: E402
 from .fit import Fit  # noqa: E402
 from .run import Run, device_name  # noqa: E402
@@ -35,12 +36,12 @@ PLOTS_DIR = "plots"
 DPI = 100
 
 STATUS_MARKERS: dict[str, tuple[str, str]] = {
-    "over_budget": ("X", "over budget"),
-    "oom": ("D", "oom"),
-    "error": ("*", "error"),
-    "timeout": ("*", "timeout"),
-    "crashed": ("*", "crashed"),
-    "unsupported": ("P", "unsupported"),
+    Status.OVER_BUDGET: ("X", "over budget"),
+    Status.OOM: ("D", "oom"),
+    Status.ERROR: ("*", "error"),
+    Status.TIMEOUT: ("*", "timeout"),
+    Status.CRASHED: ("*", "crashed"),
+    Status.UNSUPPORTED: ("P", "unsupported"),
 }
 
 SERIES_MARKERS = ["o", "s", "^", "v", "<", ">", "p", "h", "8", "d"]

@@ -21,8 +21,9 @@ earlier call are replaced), one set per (dtype, mode) of the run, named ``<kind>
   tokens x dim)), i.e. weights, input and output each moved once (a lower bound on traffic, so an
   upper bound on intensity).
 
-A group whose every series has a single token count (one resolution) gets no figures against tokens
-and no exponents: one point per curve shows nothing the tables do not.
+Which figures a run gets is :func:`attnbench.analysis.run.figure_plan`: a figure needs two points, so
+a group whose every series has one resolution gets no curves and no exponents, and a roofline needs
+two measured cells.
 
 Runs over named ``shapes`` (e.g. the four Swin stages, whose dims differ) are not resolution sweeps:
 their latency/memory/FLOPs/throughput and speed-ups are grouped bar charts per stage, and they get no
@@ -332,28 +333,24 @@ def roofline_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[F
 
 
 def build_figures(run: Run) -> list[tuple[str, Figure, dict[str, Any]]]:
-    """Every figure of a run as (file name, figure, what it shows), without writing anything."""
+    """Every figure of the run's :func:`attnbench.analysis.run.figure_plan` as (file name, figure, what
+    it shows), without writing anything."""
     if not run.styles:
         run.styles = label_styles(run.df)
+    groups = {(dtype, mode): g for dtype, mode, g in run.groups()}
     out = []
-    for dtype, mode, g in run.groups():
-        suffix = f"{dtype}-{mode}"
-        curves = run.by_shape or any(rows["tokens"].nunique() > 1 for _, _, rows in series_of(run, g))
-        for key in METRICS if curves else ():  # a curve of one point shows nothing a table does not
-            if run.by_shape:
-                fig, info = bar_figure(run, g, key, dtype, mode)
-            else:
-                fig, info = metric_figure(run, g, key, dtype, mode)
-            out.append((f"{key}-{suffix}.png", fig, info))
-        if curves and not run.by_shape:
-            fig, info = exponent_figure(run, g, dtype, mode)
-            out.append((f"exponents-{suffix}.png", fig, info))
-        made = speedup_figure(run, g, dtype, mode)
+    for name, kind, dtype, mode in run_mod.figure_plan(run):
+        g = groups[(dtype, mode)]
+        if kind in METRICS:
+            made = (bar_figure if run.by_shape else metric_figure)(run, g, kind, dtype, mode)
+        elif kind == "exponents":
+            made = exponent_figure(run, g, dtype, mode)
+        elif kind == "speedup":
+            made = speedup_figure(run, g, dtype, mode)
+        else:
+            made = roofline_figure(run, g, dtype, mode)
         if made:
-            out.append((f"speedup-{suffix}.png", *made))
-        made = roofline_figure(run, g, dtype, mode)
-        if made:
-            out.append((f"roofline-{suffix}.png", *made))
+            out.append((name, *made))
     return out
 
 

@@ -23,6 +23,7 @@ import yaml
 from .. import schema, store
 from ..budget import predict_latency_ms
 from ..errors import RunDirError
+from ..schema import Status
 from .fit import Fit, fit_exponent, theoretical_exponent
 
 FAILED = tuple(s.value for s in schema.FAILED)
@@ -176,7 +177,7 @@ def _value(rows: pd.DataFrame, metric: Metric) -> np.ndarray:
 
 
 def _ok(rows: pd.DataFrame) -> np.ndarray:
-    return (rows["status"] == "ok").to_numpy()
+    return (rows["status"] == Status.OK).to_numpy()
 
 
 def fit_series(rows: pd.DataFrame, metric: Metric) -> Fit | None:
@@ -193,7 +194,7 @@ def predicted(rows: pd.DataFrame, metric: Metric) -> dict[int, float]:
     out = {}
     last = None
     for idx, r in rows.iterrows():
-        if r["status"] == "ok" and r["latency_ms_median"] > 0 and r["flops_analytic"] > 0:
+        if r["status"] == Status.OK and r["latency_ms_median"] > 0 and r["flops_analytic"] > 0:
             last = r
         elif r["status"] in PREDICTABLE and last is not None and r["flops_analytic"] > 0:
             lat = predict_latency_ms(last["latency_ms_median"], last["flops_analytic"], r["flops_analytic"])
@@ -270,8 +271,8 @@ def speedups(run: Run, g: pd.DataFrame | None = None) -> pd.DataFrame:
                                                 if pc else "")
                 else:
                     name = f"{cl} over {bl}"
-                m = pd.merge(c[c["status"] == "ok"][keys + ["latency_ms_median"]],
-                             b[b["status"] == "ok"][keys + ["latency_ms_median"]], on=keys,
+                m = pd.merge(c[c["status"] == Status.OK][keys + ["latency_ms_median"]],
+                             b[b["status"] == Status.OK][keys + ["latency_ms_median"]], on=keys,
                              suffixes=("_candidate", "_baseline"))
                 if m.empty:
                     continue
@@ -297,7 +298,7 @@ def shape_order(run: Run, g: pd.DataFrame) -> list[str]:
 
 def roofline_points(run: Run, g: pd.DataFrame) -> pd.DataFrame:
     """Measured cells with their arithmetic intensity (FLOP/byte, see module doc) and achieved TFLOP/s."""
-    d = g[g["status"] == "ok"].copy()
+    d = g[g["status"] == Status.OK].copy()
     if d.empty:
         return d.assign(flops=[], bytes=[], ai=[], tflops=[])
     flops = d["flops_torch"].copy()
@@ -331,3 +332,24 @@ def match_impl(df: pd.DataFrame, pattern: str | None) -> pd.Series:
     pats = [p.strip() for p in pattern.split(",") if p.strip()]
     return df["impl"].astype(str).map(lambda s: any(fnmatch.fnmatchcase(s, p) for p in pats)) | \
         df["label"].astype(str).map(lambda s: any(fnmatch.fnmatchcase(s, p) for p in pats))
+
+
+def figure_plan(run: Run) -> list[tuple[str, str, str, str]]:
+    """(file name, kind, dtype, mode) of every figure worth drawing, per (dtype, mode) group: the four
+    metrics (curves against tokens, or bars per named shape), the fitted exponents (curves only), the
+    speed-ups of the pairs present and the roofline (where the run measured the device's peaks). A
+    figure needs two points: a group whose series each have one token count gets no curves, and a
+    roofline needs two measured cells."""
+    plan = []
+    for dtype, mode, g in run.groups():
+        suffix = f"{dtype}-{mode}"
+        curves = run.by_shape or any(rows["tokens"].nunique() > 1 for _, _, rows in series_of(run, g))
+        if curves:
+            plan += [(f"{key}-{suffix}.png", key, dtype, mode) for key in METRICS]
+            if not run.by_shape:
+                plan.append((f"exponents-{suffix}.png", "exponents", dtype, mode))
+            if not speedups(run, g).empty:
+                plan.append((f"speedup-{suffix}.png", "speedup", dtype, mode))
+        if device_peaks(run.env, dtype)[0] is not None and len(roofline_points(run, g)) >= 2:
+            plan.append((f"roofline-{suffix}.png", "roofline", dtype, mode))
+    return plan

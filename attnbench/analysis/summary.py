@@ -71,7 +71,7 @@ def attention_cells(df: pd.DataFrame) -> list[dict[str, str]]:
     out = []
     for _, r in df.iterrows():
         where = _where(r)
-        if r["status"] != "ok":
+        if r["status"] != Status.OK:
             skipped = str(r["message"]).startswith(schema.SKIPPED_PREFIX)
             out.append({"kind": "skipped" if skipped else "failed", "status": r["status"], "cell": where,
                         "detail": str(r["message"]).splitlines()[0] if r["message"] else ""})
@@ -80,12 +80,12 @@ def attention_cells(df: pd.DataFrame) -> list[dict[str, str]]:
             med, iqr = r["latency_ms_median"], r["latency_ms_iqr"]
             detail = (f"IQR {iqr:.3g} ms on a median of {med:.3g} ms ({100 * iqr / med:.0f}%)"
                       if med == med and iqr == iqr and med > 0 else "IQR > 10% of the median")
-            out.append({"kind": "noisy", "status": "ok", "cell": where, "detail": detail})
+            out.append({"kind": "noisy", "status": Status.OK.value, "cell": where, "detail": detail})
         throttled = r.get("throttled")
         if isinstance(throttled, str) and throttled:
-            out.append({"kind": "throttled", "status": "ok", "cell": where, "detail": throttled})
+            out.append({"kind": "throttled", "status": Status.OK.value, "cell": where, "detail": throttled})
         if r.get("drift") is True:
-            out.append({"kind": "drift", "status": "ok", "cell": where,
+            out.append({"kind": "drift", "status": Status.OK.value, "cell": where,
                         "detail": f"the device ran at {r['device_speed']:.2f}x its speed at the start of the run "
                                   "(sentinel matmul)"})
     return out
