@@ -1,7 +1,5 @@
 """``python -m attnbench``: the CLI, from a checkout without installing."""
 
-import sys
+from .cli import run_cli
 
-from .cli import main
-
-sys.exit(main())
+run_cli()
