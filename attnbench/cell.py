@@ -3,7 +3,8 @@
 :func:`measure_cell` takes a :class:`attnbench.job.Job` and returns the cell's row. Its phases, in
 order, each a function below:
 
-1. :func:`base_row` and :func:`check_supports` (the implementation's ``supports`` on the meta device);
+1. :func:`base_row`, :func:`check_supports` (the implementation's ``supports``) and
+   :func:`check_output` (the output contract), both on the meta device;
 2. build the module on the device (:func:`module_builder`), :func:`find_max_batch` when asked;
 3. :func:`count` (parameters and the three FLOP counts, on the meta device) and
    :func:`check_prediction` (the budget rule, from the series' previous cell);
@@ -47,6 +48,10 @@ class Unsupported(Exception):
     """The implementation cannot take the cell (its ``supports`` gave this reason)."""
 
 
+class OutputContractError(Exception):
+    """The module's output is not (B, H', W', C): the cell is an ``error``, with the shapes."""
+
+
 # ------------------------------------------------------------------------------ building and counting
 
 
@@ -80,6 +85,28 @@ def check_supports(case: Case, build: Callable[[], torch.nn.Module]) -> None:
         reason = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype]).supports(case.grid_h, case.grid_w)
         if reason:
             raise Unsupported(reason)
+
+
+def check_output(case: Case, build: Callable[[], torch.nn.Module]) -> None:
+    """Raise :class:`OutputContractError` when one forward call on the meta device (no memory, no
+    arithmetic) returns anything but (batch, H', W', dim), H' x W' being ``output_size(H, W)`` where the
+    class defines it, else the input's grid. A module that cannot run on meta is checked by nothing here."""
+    spec = registry.get_spec(case.impl)
+    meta = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype]).eval()
+    try:
+        with torch.no_grad():
+            y = meta(torch.empty(case.batch, case.grid_h, case.grid_w, case.dim, device="meta",
+                                 dtype=TORCH_DTYPES[case.dtype]))
+    except Exception:  # noqa: BLE001 - the real call will raise whatever this is
+        return
+    grid = tuple(meta.output_size(case.grid_h, case.grid_w)) if spec.has("output_size") else (case.grid_h,
+                                                                                                case.grid_w)
+    expected = (case.batch, *grid, case.dim)
+    got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+    if got != expected:
+        raise OutputContractError(f"{case.impl} returned {got} for an input of "
+                                  f"{(case.batch, case.grid_h, case.grid_w, case.dim)}; the contract is "
+                                  f"(B, H', W', C) = {expected}")
 
 
 def count(case: Case, build: Callable[[], torch.nn.Module]) -> dict[str, Any]:
@@ -274,6 +301,7 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
     try:
         build = module_builder(case)
         check_supports(case, build)
+        check_output(case, build)
         torch.manual_seed(settings.seed)
         module = build().to(device=device, dtype=TORCH_DTYPES[case.dtype])
         if settings.find_max_batch:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
 from .errors import AttnbenchError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
+DESCRIPTION = ("Benchmark the attention of vision transformers: FLOPs, peak memory, latency and throughput of "
+               "each design as the image grows, on this GPU or CPU; plots, reports and regression checks. "
+               "Start with `attnbench run suites/resolution_sweep.yaml`.")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -29,13 +33,28 @@ def _cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for n in names:
         s = all_specs[n]
-        params = ", ".join(f"{k}={v!r}" for k, v in s.params.items()) or "-"
+        params = ", ".join(f"{k}={s.default_text.get(k, repr(v))}" for k, v in s.params.items()) or "-"
         rows.append((n, s.family, params, s.description))
     w0, w1, w2 = (max(len(r[i]) for r in rows + [("name", "family", "parameters")]) for i in range(3))
     print(f"{'name':<{w0}}  {'family':<{w1}}  {'parameters':<{w2}}  description")
     for r in rows:
         print(f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]:<{w2}}  {r[3]}")
     return EXIT_OK
+
+
+def _progress_lines(total: int):
+    """Where the progress bar is off (output to a log or a pipe): one line per finished cell."""
+    t0, done = time.perf_counter(), [0]
+
+    def on_row(row: dict) -> None:
+        done[0] += 1
+        at = row.get("shape") or f"{row.get('resolution')}px"
+        latency = row.get("latency_ms_median")
+        what = f"{latency:.4g} ms" if row.get("status") == "ok" and latency is not None else row.get("status")
+        print(f"attnbench: [{done[0]}/{total}] {row.get('label')} {at} {row.get('dtype')} {row.get('mode')}: {what} "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    return on_row
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -55,17 +74,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run_suite(suite, out=args.out, device=args.device, resume=args.resume, only=args.only,
                            progress=not args.no_progress, results_root=args.results_root,
-                           isolation="process" if args.isolate else None)
+                           isolation="process" if args.isolate else None,
+                           on_row=None if args.no_progress or sys.stderr.isatty() else _progress_lines(len(cases)),
+                           on_note=lambda text: print(f"attnbench: {text}", file=sys.stderr))
     except KeyboardInterrupt:
         print("\nattnbench: interrupted; finished cells are saved, `--resume` measures the rest", file=sys.stderr)
         return EXIT_INTERRUPTED
     df = store.load_results(result.run_dir)
     print(summary_text(df))
     o = result.overhead
-    print(f"\nrun folder: {result.run_dir}  ({result.measured} cells measured, {result.reused} reused; "
-          f"{o['wall_s']:.1f} s, of which {o['harness_s']:.1f} s ({100 * o['harness_fraction']:.1f}%) "
-          f"harness: {o['cells_harness_s']:.1f} s building modules, counting FLOPs, telemetry; {o['peaks_s']:.1f} s "
-          f"device peaks; {o['other_s']:.1f} s the rest)")
+    print(f"\nrun folder: {result.run_dir}  ({result.measured} cells measured, {result.skipped} recorded without "
+          f"being tried, {result.reused} reused; {o['wall_s']:.1f} s, of which {o['harness_s']:.1f} s "
+          f"({100 * o['harness_fraction']:.1f}%) harness: {o['cells_harness_s']:.1f} s building modules, counting "
+          f"FLOPs, telemetry; {o['peaks_s']:.1f} s device peaks; {o['other_s']:.1f} s the rest"
+          + (f"; {o['timeout_s']:.1f} s waiting on cells that timed out" if o.get("timeout_s") else "") + ")")
     throttled = df[df.get("throttled", "").fillna("").astype(str) != ""] if "throttled" in df else df.iloc[:0]
     if len(throttled):
         print(f"attnbench: warning: {len(throttled)} cell(s) ran with the GPU throttled "
@@ -100,7 +122,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attnbench", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="attnbench", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"attnbench {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="measure every cell of a suite")
     r.add_argument("suite", type=Path, help="suite YAML file")

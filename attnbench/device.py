@@ -7,12 +7,13 @@ TF32); the in-process runner and every isolated worker call it with the same set
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 import torch
 
 from .errors import DeviceError
-from .schema import DTYPE_BYTES
+from .schema import DEVICE_PATTERN, DTYPE_BYTES
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                         "bfloat16": torch.bfloat16}
@@ -22,7 +23,10 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
 
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without one is a DeviceError."""
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without one is a DeviceError,
+    and so is anything but auto, cpu, cuda or cuda:N (the suite's own rule for its ``device`` key)."""
+    if not isinstance(requested, str) or not re.match(DEVICE_PATTERN, requested):
+        raise DeviceError(f"device {requested!r} is not one of auto, cpu, cuda, cuda:N")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(requested)

@@ -14,6 +14,9 @@ into :attr:`ImplSpec.optional`:
 - ``reparameterize() -> nn.Module | None``: the merged inference form (a new module, or None after
   merging in place); measured in ``forward`` mode, the training form in ``train`` mode.
 - ``output_size(height, width) -> (H', W')``: the output grid, when it differs from the input's.
+
+A class attribute ``default_text = {"shift": "window // 2"}`` says what a sentinel default (``-1``)
+means; ``attnbench list`` shows it instead of the sentinel.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class ImplSpec:
     description: str = ""
     source: str = "builtin"
     optional: frozenset[str] = frozenset()  # the OPTIONAL_METHODS the class defines
+    default_text: dict[str, str] = field(default_factory=dict)  # parameter -> its effective default, in words
 
     def build(self, dim: int, heads: int, **params: Any):
         check_params(self, params)
@@ -119,7 +123,8 @@ def register(name: str, *, family: str | None = None, algorithm: str | None = No
         spec = ImplSpec(name=name, family=fam, algorithm=algorithm or fam, cls=cls,
                         params=_params_of(cls), description=doc.strip().splitlines()[0] if doc else "",
                         source=getattr(sys.modules.get(cls.__module__), "__attnbench_source__", source),
-                        optional=frozenset(m for m in OPTIONAL_METHODS if callable(getattr(cls, m, None))))
+                        optional=frozenset(m for m in OPTIONAL_METHODS if callable(getattr(cls, m, None))),
+                        default_text=dict(getattr(cls, "default_text", {}) or {}))
         old = _REGISTRY.get(name)
         if old is not None and (old.cls.__qualname__, old.source) != (cls.__qualname__, spec.source):
             raise RegistryError(f"implementation {name!r} is registered twice "

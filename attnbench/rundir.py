@@ -14,7 +14,7 @@ import datetime as _dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -41,6 +41,8 @@ def choose(root: Path, out: str | Path | None, resume: bool) -> Path:
         run_dir = _latest_run(root)
     else:
         run_dir = root / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a run folder: choose another --out")
     rows_path = run_dir / store.ROWS_FILE
     if rows_path.exists() and not resume:
         raise RunDirError(f"{run_dir} already holds a run; pass --resume to finish it or choose another --out")
@@ -73,6 +75,23 @@ def env_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
+CELL_KEYS = ("impls", "resolution", "shapes", "batch", "dtype", "mode", "dim", "heads", "plugins", "pairs",
+             "description")  # a resumed suite may add or drop cells; every other setting must be the same
+
+
+def suite_differences(old_raw: dict[str, Any], new_raw: dict[str, Any]) -> list[str]:
+    """The settings in which two suites differ, other than which cells they list (:data:`CELL_KEYS`)."""
+    from .suite import SuiteModel  # pydantic only: defaults filled in, nothing loaded
+
+    try:
+        old = SuiteModel.model_validate(old_raw).model_dump()
+    except Exception:  # an unreadable record: compare what was written
+        old = dict(old_raw)
+    new = SuiteModel.model_validate(new_raw).model_dump()
+    return [f"{k}: {old.get(k)!r} (earlier session) vs {new.get(k)!r} (now)"
+            for k in sorted(set(old) | set(new)) if k not in CELL_KEYS and old.get(k) != new.get(k)]
+
+
 @dataclass
 class RunFolder:
     """An open run folder: the rows already in it (resume) and this session's number."""
@@ -82,15 +101,30 @@ class RunFolder:
     done: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell_id -> row of an earlier session
 
     @classmethod
-    def open(cls, run_dir: Path, env: dict[str, Any]) -> "RunFolder":
-        """Create or reopen ``run_dir``; a folder with rows must have been made in the same environment."""
+    def open(cls, run_dir: Path, env: dict[str, Any], suite_raw: dict[str, Any] | None = None,
+             on_note: Callable[[str], None] | None = None) -> "RunFolder":
+        """Create or reopen ``run_dir``. A folder with rows must have been made with the same suite (cells
+        may be added) in the same environment; a last line cut mid-write is dropped, with a note."""
         if (run_dir / store.ROWS_FILE).exists():
             old = store.read_env(run_dir)
             diff = env_differences(old, env) if old else []
             if diff:
                 raise RunDirError(f"--resume: {run_dir} was measured in another environment ({'; '.join(diff)}); "
                                   "its rows cannot be mixed with new ones: choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
+            stored = run_dir / SUITE_FILE
+            if suite_raw is not None and stored.is_file():
+                old_suite = yaml.safe_load(stored.read_text()) or {}
+                diff = suite_differences(old_suite, suite_raw)
+                if diff:
+                    raise RunDirError(f"--resume: {run_dir} holds a run of another suite or other settings "
+                                      f"({'; '.join(diff)}): choose another --out")
+            if on_note is not None and store.torn_last_line(run_dir):
+                on_note(f"the last line of {run_dir / store.ROWS_FILE} was cut mid-write (a killed run): that "
+                        "cell is dropped and measured again")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create the run folder {run_dir}: {exc.strerror or exc}") from None
         store.repair_rows(run_dir)
         done = {store.row_key(r): r for r in store.read_rows(run_dir)} if (run_dir / store.ROWS_FILE).exists() else {}
         session = len(list(run_dir.glob("env*.json")))

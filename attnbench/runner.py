@@ -44,8 +44,9 @@ from .suite import Case, Suite, load_suite
 class RunResult:
     run_dir: Path
     rows: list[dict[str, Any]]
-    measured: int  # cells measured in this session
+    measured: int  # cells measured (tried) in this session
     reused: int  # cells taken from an earlier session (--resume)
+    skipped: int = 0  # cells recorded without being tried (a smaller cell of the series failed, dtype unsupported)
     overhead: dict[str, Any] = field(default_factory=dict)  # this session's time accounting
 
 
@@ -88,15 +89,19 @@ class _Series:
 
 
 def _session_overhead(session: int, rows: list[dict[str, Any]], wall_s: float, peaks_s: float,
-                      measured: int, reused: int) -> dict[str, Any]:
+                      counts: dict[str, int]) -> dict[str, Any]:
+    """This session's time accounting: ``measure_s`` inside the implementations' calls, ``timeout_s``
+    waiting on cells that hung (isolation: process), ``harness_s`` everything else."""
     new = [r for r in rows if r.get("session") == session]
     measure_s = sum(r.get("measure_s") or 0 for r in new)
-    o = {"session": session, "wall_s": wall_s, "cells_measured": measured, "cells_reused": reused,
+    timeout_s = sum(r.get("worker_wall_s") or 0 for r in new if r.get("status") == Status.TIMEOUT)
+    o = {"session": session, "wall_s": wall_s, **counts,
          "measure_s": measure_s,  # inside the implementations' calls: first, warm-up, memory, timed
-         "harness_s": wall_s - measure_s,  # everything else, broken down below
-         "cells_harness_s": sum(r.get("harness_s") or 0 for r in new),  # build, FLOPs, telemetry, teardown
+         "timeout_s": timeout_s,  # waiting on hung cells until their time-out
+         "harness_s": wall_s - measure_s - timeout_s,  # everything else, broken down below
+         "cells_harness_s": sum(r.get("harness_s") or 0 for r in new if r.get("status") != Status.TIMEOUT),
          "peaks_s": peaks_s}  # the device's matmul and copy peaks
-    o["other_s"] = o["harness_s"] - o["cells_harness_s"] - peaks_s  # env, storage, workers
+    o["other_s"] = o["harness_s"] - o["cells_harness_s"] - peaks_s  # env, storage, worker start-up
     o["harness_fraction"] = o["harness_s"] / wall_s if wall_s > 0 else math.nan
     return o
 
@@ -104,12 +109,14 @@ def _session_overhead(session: int, rows: list[dict[str, Any]], wall_s: float, p
 def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: str | None = None,
               resume: bool = False, only: str | None = None, progress: bool = True,
               results_root: str | Path = "results", isolation: str | None = None,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+              on_row: Callable[[dict[str, Any]], None] | None = None,
+              on_note: Callable[[str], None] | None = None) -> RunResult:
     """Run every cell of ``suite`` and return the rows; each row is on disk as soon as its cell ends.
 
     ``out`` is the run folder (default ``results/<suite name>/<UTC time>``). ``resume`` reuses the
     rows already in ``out`` (or in the latest run of the suite) and measures only the missing cells.
-    ``isolation`` ("none" or "process") overrides the suite's.
+    ``isolation`` ("none" or "process") overrides the suite's. ``on_row`` is called with each row as it
+    is written (or reused); ``on_note`` with notes worth a user's eye (a torn last line dropped on resume).
     """
     t_run = time.perf_counter()
     suite, dev, cases = prepare(suite, device, only)
@@ -118,7 +125,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
     apply_globals(settings.threads, settings.tf32, dev)  # fixed for the run, recorded per row
     run_dir = rundir.choose(Path(results_root) / suite.name, out, resume)
     env = collect_env(dev)
-    folder = rundir.RunFolder.open(run_dir, env)
+    folder = rundir.RunFolder.open(run_dir, env, suite.raw, on_note)
     env.update(suite_name=suite.name, suite_path=str(suite.path) if suite.path else None, session=folder.session,
                only=only, device_requested=device or suite.model.device, isolation=model.isolation)
     runnable = [d for d in dict.fromkeys(c.dtype for c in cases) if not dtype_problem(d, dev)]
@@ -137,7 +144,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
 
     rows: list[dict[str, Any]] = []
     series = _Series()
-    measured = reused = 0
+    measured = reused = skipped = 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -159,15 +166,18 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
             else:
                 if dtype_problem(case.dtype, dev):
                     row = skipped_row(case, Status.UNSUPPORTED, dtype_problem(case.dtype, dev))
+                    skipped += 1
                 elif case.series in series.blocked:
                     status, resolution = series.blocked[case.series]
                     row = skipped_row(case, status, blocked_message(resolution, status))
+                    skipped += 1
                 elif model.isolation == "process":
                     row = measure_in_worker(job_of(case, series), model.budget.cell_timeout_s)
+                    measured += 1
                 else:
                     row = measure_cell(job_of(case, series), ctx)
+                    measured += 1
                 folder.append(row)
-                measured += 1
             rows.append(row)
             series.record(case, row)
             if on_row is not None:
@@ -179,6 +189,8 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
         gc.unfreeze()
         if bar is not None:
             bar.close()
-        overhead = _session_overhead(folder.session, rows, time.perf_counter() - t_run, peaks_s, measured, reused)
+        counts = {"cells_measured": measured, "cells_skipped": skipped, "cells_reused": reused}
+        overhead = _session_overhead(folder.session, rows, time.perf_counter() - t_run, peaks_s, counts)
         folder.log_session(overhead)
-    return RunResult(run_dir=run_dir, rows=rows, measured=measured, reused=reused, overhead=overhead)
+    return RunResult(run_dir=run_dir, rows=rows, measured=measured, reused=reused, skipped=skipped,
+                     overhead=overhead)

@@ -61,6 +61,8 @@ def status_word(status: Any) -> str:
         return str(status or "?")
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # a suite's `device` and `--device`: auto, cpu, cuda, cuda:N
+
 # dtype name -> bytes per element (the torch dtypes themselves live in attnbench.device)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MODES = ("forward", "train")

@@ -44,6 +44,22 @@ def repair_rows(run_dir: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
+def torn_last_line(run_dir: str | Path) -> bool:
+    """Whether the last line of the rows was cut mid-write (a run killed while appending): that cell is
+    not in :func:`read_rows`, and ``--resume`` measures it again."""
+    path = Path(run_dir) / ROWS_FILE
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    try:
+        json.loads(data[data.rfind(b"\n") + 1:])
+        return False
+    except json.JSONDecodeError:
+        return True
+
+
 def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run folder; a half-written last line is ignored."""
     run_dir = Path(run_dir)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from . import registry
 from .errors import AttnbenchError, ParamError, SuiteError, UnknownImplError
-from .schema import DTYPE_BYTES, MODES, cell_id
+from .schema import DEVICE_PATTERN, DTYPE_BYTES, MODES, cell_id
 
 
 def _as_list(v: Any) -> Any:
@@ -75,7 +75,7 @@ class ShapeSpec(_Strict):
 class SuiteModel(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str = ""
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    device: Annotated[str, Field(pattern=DEVICE_PATTERN)] = "auto"
     dtype: _listof(DtypeName) = ["auto"]
     mode: _listof(ModeName) = ["forward"]
     batch: _listof(PosInt) = [1]
@@ -255,60 +255,80 @@ def load_plugins(paths: list[str], base: Path | None, where: str) -> list[str]:
     return resolved
 
 
+def _raise(problems: list[tuple[str, str]], where: str) -> None:
+    """One SuiteError for all problems: ``file: key: message`` for one, a line per problem for several."""
+    if len(problems) == 1:
+        raise SuiteError(problems[0][1], where, problems[0][0] or None)
+    raise SuiteError("\n" + "\n".join(f"  {k}: {m}" if k else f"  {m}" for k, m in problems), where)
+
+
 def parse_suite(data: Any, path: Path | None = None) -> Suite:
-    """Validate a suite given as a mapping (already read from YAML)."""
+    """Validate a suite given as a mapping (already read from YAML); every problem found is reported."""
     where = str(path) if path is not None else "<suite>"
     if not isinstance(data, dict):
         raise SuiteError(f"a suite must be a mapping of keys, got {type(data).__name__}", where)
     try:
         model = SuiteModel.model_validate(data)
     except ValidationError as exc:
-        problems = _format_pydantic(exc)
-        if len(problems) == 1:
-            raise SuiteError(problems[0][1], where, problems[0][0]) from None
-        raise SuiteError("\n" + "\n".join(f"  {k}: {m}" for k, m in problems), where) from None
+        _raise(_format_pydantic(exc), where)
+    problems: list[tuple[str, str]] = []
     if model.timing.min_repeats > model.timing.max_repeats:
-        raise SuiteError(f"min_repeats {model.timing.min_repeats} exceeds max_repeats {model.timing.max_repeats}",
-                         where, "timing")
+        problems.append(("timing", f"min_repeats {model.timing.min_repeats} exceeds max_repeats "
+                                   f"{model.timing.max_repeats}"))
     grid_keys = [k for k in ("resolution", "dim", "heads") if getattr(model, k) is not None]
+    grid_ok = True
     if model.shapes is not None and grid_keys:
-        raise SuiteError(f"give either shapes or {'/'.join(grid_keys)}, not both", where, "shapes")
+        problems.append(("shapes", f"give either shapes or {'/'.join(grid_keys)}, not both"))
+        grid_ok = False
     if model.shapes is None and len(grid_keys) < 3:
         missing = [k for k in ("resolution", "dim", "heads") if k not in grid_keys]
-        raise SuiteError("required key is missing (or give shapes: a list of {resolution, dim, heads})",
-                         where, missing[0])
-    plugin_paths = load_plugins(model.plugins, path.parent if path is not None else None, where)
-    entries = [_parse_entry(item, i, where) for i, item in enumerate(model.impls)]
+        problems.append((missing[0], "required key is missing (or give shapes: a list of {resolution, dim, heads})"))
+        grid_ok = False
+    plugin_paths = []
+    for i, plugin in enumerate(model.plugins):
+        try:
+            plugin_paths += load_plugins([plugin], path.parent if path is not None else None, where)
+        except SuiteError as exc:
+            problems.append((f"plugins[{i}]", str(exc).split("plugins[0]: ", 1)[-1]))
+    entries: list[ImplEntry] = []
+    failed_entries = False
+    for i, item in enumerate(model.impls):
+        try:
+            entries.append(_parse_entry(item, i, where))
+        except SuiteError as exc:
+            problems.append((exc.key or f"impls[{i}]", str(exc).split(f"{exc.key}: ", 1)[-1]))
+            failed_entries = True
     names = {e.label for e in entries} | {e.name for e in entries}
     for i, pair in enumerate(model.pairs):
         for name in pair:
-            if name not in names:
-                raise SuiteError(f"{name!r} is not an implementation of this suite (have: {', '.join(sorted(names))})",
-                                 where, f"pairs[{i}]")
-    shapes = shapes_of(model)
+            if name not in names and not failed_entries:
+                problems.append((f"pairs[{i}]", f"{name!r} is not an implementation of this suite "
+                                                f"(have: {', '.join(sorted(names))})"))
     for i, res in enumerate(model.resolution or []):
         if res % model.patch:
-            raise SuiteError(f"resolution {res} is not a multiple of patch {model.patch}", where, f"resolution[{i}]")
+            problems.append((f"resolution[{i}]", f"resolution {res} is not a multiple of patch {model.patch}"))
     for i, sh in enumerate(model.shapes or []):
         if sh.resolution % (sh.patch or model.patch):
-            raise SuiteError(f"resolution {sh.resolution} is not a multiple of patch {sh.patch or model.patch}",
-                             where, f"shapes[{i}]")
-    for sh in shapes:
-        if sh.dim % sh.heads:
-            raise SuiteError(f"dim {sh.dim} is not divisible by heads {sh.heads}", where,
-                             "shapes" if model.shapes else "heads")
+            problems.append((f"shapes[{i}]", f"resolution {sh.resolution} is not a multiple of patch "
+                                             f"{sh.patch or model.patch}"))
+    shapes = shapes_of(model) if grid_ok else []
+    for dim, heads in dict.fromkeys((sh.dim, sh.heads) for sh in shapes):
+        if dim % heads:
+            problems.append(("shapes" if model.shapes else "heads", f"dim {dim} is not divisible by heads {heads}"))
     # Build each configuration once on the meta device: constructor checks (bad values) fail here.
     import torch
 
     for i, entry in enumerate(entries):
         spec = registry.get_spec(entry.name)
-        for dim, heads in sorted({(sh.dim, sh.heads) for sh in shapes}):
+        for dim, heads in sorted({(sh.dim, sh.heads) for sh in shapes if sh.dim % sh.heads == 0}):
             try:
                 with torch.device("meta"):
                     spec.build(dim=dim, heads=heads, **dict(entry.params))
             except (ValueError, TypeError, AssertionError) as exc:
-                raise SuiteError(f"{entry.name} cannot be built with dim={dim}, heads={heads}: {exc}",
-                                 where, f"impls[{i}]") from None
+                problems.append((f"impls[{i}]", f"{entry.name} cannot be built with dim={dim}, heads={heads}: {exc}"))
+                break
+    if problems:
+        _raise(problems, where)
     return Suite(model=model, path=path, entries=entries, raw=data, plugin_paths=plugin_paths)
 
 

@@ -92,6 +92,9 @@ def show_text(run_dir: str | Path, impl: str | None = None, resolution: str | in
                 f"; modes {', '.join(dict.fromkeys(run.df['mode']))}")
         raise AttnbenchError(f"no cell of {run.path} matches {asked} (the run has {have})")
     head = f"{run.name}: {runs.device_name(run.env, run.df)}, {len(d)} of {len(run.df)} cells"
+    if run.torn:
+        head += ("\nnote: the last line of rows.jsonl was cut mid-write (a killed run): that cell is not shown; "
+                 "`attnbench run SUITE --resume --out RUN_DIR` measures it again")
     return head + "\n\n" + summary_text(d)
 
 

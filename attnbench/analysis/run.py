@@ -60,6 +60,7 @@ class Run:
     env: dict[str, Any]
     suite: dict[str, Any]
     styles: dict[str, Any] = field(default_factory=dict)  # label -> colour and marker, set by the plots
+    torn: bool = False  # the last line of rows.jsonl was cut mid-write: one cell is missing
 
     @property
     def by_shape(self) -> bool:
@@ -111,7 +112,7 @@ def load_run(run_dir: str | Path) -> Run:
             suite = loaded if isinstance(loaded, dict) else {}
         except yaml.YAMLError:
             suite = {}
-    return Run(path=path, df=df, env=env, suite=suite)
+    return Run(path=path, df=df, env=env, suite=suite, torn=store.torn_last_line(path))
 
 
 def _param_key(params: dict[str, Any]) -> tuple:

@@ -185,6 +185,8 @@ class SwinWindow(_SwinAttention):
 class _ShiftedSwin(_SwinAttention):
     """SW-MSA: windows offset by ``shift`` (-1: M // 2) down and right; 0 < shift < M."""
 
+    default_text = {"shift": "window // 2"}
+
     def __init__(self, dim: int, heads: int, window: int = 7, shift: int = -1, qkv_bias: bool = True):
         super().__init__(dim, heads, window, qkv_bias)
         self.shift = window // 2 if shift == -1 else shift

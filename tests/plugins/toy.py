@@ -116,3 +116,15 @@ class ToyBatchCap(_Base):
         if x.shape[0] > 4:
             raise torch.OutOfMemoryError("CUDA out of memory (toy: batch above 4)")
         return self.proj(x)
+
+
+@attnbench.register("toy.flat", family="toy")
+class Flat(torch.nn.Module):
+    """Breaks the output contract: returns tokens (B, N, C) instead of (B, H, W, C)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.proj(x).flatten(1, 2)
