@@ -32,9 +32,9 @@ import torch
 from . import budget, registry
 from .device import TORCH_DTYPES, apply_globals, empty_cache, is_backend_refusal, is_oom, sdpa_context
 from .job import CellSettings, Job
-from .context import CellContext, device_speed_columns, telemetry_columns
+from .context import CellContext, device_speed_columns, drift_columns, telemetry_columns
+from .measure import cpuload, memory, timing
 from .measure import flops as flops_mod
-from .measure import memory, timing
 from .measurement import Latency
 from .schema import SCHEMA_VERSION, SKIPPED_PREFIX, Status
 from .suite import Case
@@ -243,24 +243,34 @@ def measure_latency(call: Callable[[], None], case: Case, settings: CellSettings
     if n is None:
         raise OverBudget(f"{tm.min_repeats} calls of {est_s * 1e3:.3g} ms exceed the {remaining_s:.3g} s "
                          f"left of the cell budget of {budget_s:g} s")
+    load = cpuload.read() if device.type == "cpu" else None
     samples = timing.time_calls(timed, device, n, flush=ctx.flush)
+    if load is not None:  # how much of the machine other processes took while the calls were timed
+        row["cpu_others_cores"] = cpuload.others_cores(load, cpuload.read())
     return Latency(tuple(samples), method, ctx.flush is not None)
 
 
 # ----------------------------------------------------------------------------------- derived columns
 
 
-def derived(case: Case, row: dict[str, Any], peaks: Any) -> dict[str, Any]:
-    """Throughput, achieved TFLOP/s and the fraction of the device's measured matmul peak."""
+def derived(case: Case, row: dict[str, Any], ctx: CellContext) -> dict[str, Any]:
+    """Throughput, achieved TFLOP/s and the fraction of the device's measured matmul peak. A cell faster
+    than the peak makes the peak be measured again (the larger is kept, for the rest of the run too);
+    a cell still above it is flagged ``over_peak``, never silently reported above 1."""
     sec = row["latency_ms_median"] / 1e3
     out: dict[str, Any] = {"throughput_img_s": case.batch / sec if sec > 0 else math.nan,
                            "throughput_tok_s": case.batch * case.tokens / sec if sec > 0 else math.nan}
     flops = row.get("flops_torch_fwd_bwd") if case.mode == "train" else row.get("flops_torch")
     if flops is None or flops != flops:
         flops = row.get("flops_analytic")
-    out["tflops_achieved"] = flops / sec / 1e12 if flops and sec > 0 else math.nan
-    peak = (peaks or {}).get("matmul_tflops", {}).get(case.dtype)
-    out["peak_fraction"] = out["tflops_achieved"] / peak if peak else math.nan
+    achieved = flops / sec / 1e12 if flops and sec > 0 else math.nan
+    out["tflops_achieved"] = achieved
+    peak = ctx.peak_tflops(case.dtype)
+    if peak is not None and achieved > peak:
+        peak = ctx.refresh_peak(case.dtype)
+    out["peak_tflops"] = peak if peak is not None else math.nan
+    out["peak_fraction"] = achieved / peak if peak else math.nan
+    out["over_peak"] = bool(peak and achieved > peak)
     return out
 
 
@@ -297,7 +307,7 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
                tf32=torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None)
     before = ctx.snapshot()
     module = x = call = t_measure = None
-    speeds: list[float] = []  # the sentinel's speed before and after the timed calls / its speed at the start
+    readings: list[float] = []  # the sentinel's TFLOP/s before and after the timed calls
     try:
         build = module_builder(case)
         check_supports(case, build)
@@ -324,15 +334,15 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
                 x.grad = None
 
         if ctx.sentinel_start:
-            speeds.append(ctx.speed())
+            readings.append(ctx.sentinel())
         t_measure = time.perf_counter()
         with sdpa_context(settings.sdpa_backend):
             latency = measure_latency(call, case, settings, ctx, row, clear_grads)
         row["measure_s"] = time.perf_counter() - t_measure
         if ctx.sentinel_start:
-            speeds.append(ctx.speed())
+            readings.append(ctx.sentinel())
         row.update(latency.columns())
-        row.update(derived(case, row, ctx.peaks))
+        row.update(derived(case, row, ctx))
     except Exception as exc:  # one failing cell never ends the sweep
         row.update(failure_columns(exc, job))
         if isinstance(exc, OverBudget) and t_measure is not None:
@@ -342,8 +352,9 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
         gc.collect()
         empty_cache(device)
         row.update(telemetry_columns(before, ctx.snapshot()))
-        if speeds:
-            row.update(device_speed_columns(speeds))
+        if readings:
+            row.update(device_speed_columns(readings, ctx.sentinel_best))
+        row.update(drift_columns(row))
         row["cell_wall_s"] = time.perf_counter() - t_cell
         row["harness_s"] = row["cell_wall_s"] - row.get("measure_s", 0.0)
     return row

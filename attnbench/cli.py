@@ -96,11 +96,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if "drift" in df:
         drifted = df[(df["status"] == Status.OK) & df["drift"].fillna(False).astype(bool)]
         if len(drifted):
-            lo, hi = drifted["device_speed"].min(), drifted["device_speed"].max()
-            speed = f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}x to {hi:.2f}x"
-            print(f"attnbench: warning: {len(drifted)} cell(s) were measured while the device ran at {speed} its "
-                  "speed at the start of the run (sentinel matmul, before and after the cell); see the device_speed "
-                  "column", file=sys.stderr)
+            print(f"attnbench: warning: {len(drifted)} cell(s) were measured slowed (the device below its best "
+                  "speed in this run, or other processes taking CPU cores during the timed calls): their latency "
+                  "is not the device's usual; see the drift_reason column", file=sys.stderr)
+    if "over_peak" in df:
+        over = df[(df["status"] == Status.OK) & df["over_peak"].fillna(False).astype(bool)]
+        if len(over):
+            print(f"attnbench: warning: {len(over)} cell(s) achieved more TFLOP/s than the device's matmul peak, "
+                  "measured again: peak_fraction above 1 (see the over_peak column)", file=sys.stderr)
     failed = df[df["status"] == Status.ERROR]
     if len(failed):
         print(f"attnbench: {len(failed)} cell(s) raised; see {result.run_dir / 'errors.log'}", file=sys.stderr)

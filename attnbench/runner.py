@@ -106,6 +106,16 @@ def _session_overhead(session: int, rows: list[dict[str, Any]], wall_s: float, p
     return o
 
 
+def _learn(ctx: CellContext, row: dict[str, Any]) -> None:
+    """What a cell measured in a worker (or an earlier session) tells the run: faster sentinel readings
+    and a larger matmul peak become the run's references."""
+    for key in ("sentinel_tflops_before", "sentinel_tflops_after"):
+        ctx.note_sentinel(row.get(key))
+    peak, current = row.get("peak_tflops"), ctx.peak_tflops(str(row.get("dtype")))
+    if isinstance(peak, float) and peak == peak and current is not None and peak > current:
+        ctx.refresh_peak(str(row["dtype"]), at_least=peak)
+
+
 def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: str | None = None,
               resume: bool = False, only: str | None = None, progress: bool = True,
               results_root: str | Path = "results", isolation: str | None = None,
@@ -139,7 +149,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
 
     def job_of(case: Case, series: _Series) -> Job:
         return Job(case=case, settings=settings, prior=series.priors.get(case.series), peaks=env["peaks"],
-                   sentinel_start=ctx.sentinel_start, errors_log=str(folder.errors_log),
+                   sentinel_start=ctx.sentinel_best, errors_log=str(folder.errors_log),
                    plugins=tuple(suite.plugin_paths))
 
     rows: list[dict[str, Any]] = []
@@ -180,6 +190,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
                 folder.append(row)
             rows.append(row)
             series.record(case, row)
+            _learn(ctx, row)
             if on_row is not None:
                 on_row(row)
             if bar is not None:
@@ -189,6 +200,8 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
         gc.unfreeze()
         if bar is not None:
             bar.close()
+        env["sentinel_tflops_best"] = ctx.sentinel_best
+        folder.write_env(env)  # the peaks and the sentinel reference the run ended with
         counts = {"cells_measured": measured, "cells_skipped": skipped, "cells_reused": reused}
         overhead = _session_overhead(folder.session, rows, time.perf_counter() - t_run, peaks_s, counts)
         folder.log_session(overhead)

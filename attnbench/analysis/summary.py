@@ -67,7 +67,8 @@ def _where(r: pd.Series) -> str:
 
 
 def attention_cells(df: pd.DataFrame) -> list[dict[str, str]]:
-    """Every failed, skipped, noisy, throttled or drifted cell: dicts with kind, status, cell and detail."""
+    """Every failed, skipped, noisy, throttled, drifted or over-peak cell: dicts with kind, status, cell and
+    detail."""
     out = []
     for _, r in df.iterrows():
         where = _where(r)
@@ -85,9 +86,14 @@ def attention_cells(df: pd.DataFrame) -> list[dict[str, str]]:
         if isinstance(throttled, str) and throttled:
             out.append({"kind": "throttled", "status": Status.OK.value, "cell": where, "detail": throttled})
         if r.get("drift") is True:
-            out.append({"kind": "drift", "status": Status.OK.value, "cell": where,
-                        "detail": f"the device ran at {r['device_speed']:.2f}x its speed at the start of the run "
-                                  "(sentinel matmul)"})
+            reason = r.get("drift_reason")
+            if not isinstance(reason, str) or not reason:  # rows of earlier versions: the sentinel only
+                reason = f"the device ran at {r['device_speed']:.2f}x its speed at the start of the run (sentinel matmul)"
+            out.append({"kind": "drift", "status": Status.OK.value, "cell": where, "detail": reason})
+        if r.get("over_peak") is True:
+            out.append({"kind": "over peak", "status": Status.OK.value, "cell": where,
+                        "detail": f"{r['tflops_achieved']:.3g} TFLOP/s achieved, above the device's matmul peak "
+                                  f"{r['peak_tflops']:.3g} measured again (peak_fraction {r['peak_fraction']:.2f})"})
     return out
 
 

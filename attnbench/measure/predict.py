@@ -162,21 +162,23 @@ class FusedSDPAOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def track_peak_bytes(call: Callable[[], object], watch: tuple[torch.Tensor | None, ...] = (),
+def _watch_gradients(tracker: LiveBytes, module: nn.Module | None, x: torch.Tensor | None) -> None:
+    """Watch the gradients held before a train call, which its ``zero_grad`` frees (a function of its
+    own, so that no reference to them outlives it and keeps them alive through the call)."""
+    for t in ([] if x is None else [x.grad]) + ([] if module is None else [p.grad for p in module.parameters()]):
+        tracker.watch(t)
+
+
+def track_peak_bytes(call: Callable[[], object], module: nn.Module | None = None, x: torch.Tensor | None = None,
                      granularity: int = 512) -> int:
     """Run ``call()`` once under :class:`LiveBytes` (and :class:`FusedSDPAOnMeta`); return its peak
-    bytes above the level before it. ``watch``: tensors held before that the call may free."""
+    bytes above the level before it. ``module``, ``x``: their gradients, held before the call, count
+    negative if the call frees them (a train call does)."""
     tracker = LiveBytes(granularity)
-    for t in watch:
-        tracker.watch(t)
+    _watch_gradients(tracker, module, x)
     with FusedSDPAOnMeta(), tracker:
         call()
     return tracker.peak
-
-
-def held_tensors(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """The gradients a train call frees before making new ones: the parameters' and x's."""
-    return (x.grad, *(p.grad for p in module.parameters()))
 
 
 def predict_peak_bytes(build: Callable[[], nn.Module], x_shape: tuple[int, ...], dtype: torch.dtype,
@@ -198,7 +200,7 @@ def predict_peak_bytes(build: Callable[[], nn.Module], x_shape: tuple[int, ...],
         with FusedSDPAOnMeta():
             call = make_call(module, x, mode)
             call()  # the harness's warm-up: caches filled on the first call are held before the measured one
-        return track_peak_bytes(call, held_tensors(module, x), granularity)
+        return track_peak_bytes(call, module, x, granularity)
     except Exception as exc:  # a module that cannot run on meta: say why, do not crash the caller
         raise PredictionError(f"cannot predict on meta: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
