@@ -6,7 +6,8 @@ order, each a function below:
 1. :func:`base_row`, :func:`check_supports` (the implementation's ``supports``) and
    :func:`check_output` (the output contract), both on the meta device;
 2. build the module on the device (:func:`module_builder`), :func:`find_max_batch` when asked;
-3. :func:`count` (parameters and the three FLOP counts, on the meta device) and
+3. :func:`count` (parameters and the three FLOP counts, on the meta device), :func:`predict_memory`
+   and :func:`check_memory` (the call's peak memory traced on meta, against the memory budget) and
    :func:`check_prediction` (the budget rule, from the series' previous cell);
 4. the input (:func:`random_input`) and the measured call (:func:`make_call`);
 5. :func:`measure_latency`: the first call alone (with compile: the compilation), warm-up by time,
@@ -33,10 +34,11 @@ from . import budget, registry
 from .device import TORCH_DTYPES, apply_globals, empty_cache, is_backend_refusal, is_oom, sdpa_context
 from .job import CellSettings, Job
 from .context import CellContext, device_speed_columns, drift_columns, telemetry_columns
-from .measure import cpuload, memory, timing
+from .measure import cpuload, memory, predict, timing
+from .measure.call import make_call
 from .measure import flops as flops_mod
 from .measurement import Latency
-from .schema import SCHEMA_VERSION, SKIPPED_PREFIX, Status
+from .schema import DTYPE_BYTES, SCHEMA_VERSION, SKIPPED_PREFIX, Status
 from .suite import Case
 
 
@@ -123,6 +125,30 @@ def count(case: Case, build: Callable[[], torch.nn.Module]) -> dict[str, Any]:
     return out
 
 
+def predict_memory(case: Case, build: Callable[[], torch.nn.Module], settings: CellSettings) -> dict[str, Any]:
+    """The peak memory one call will take, traced on the meta device before anything is allocated
+    (:mod:`attnbench.measure.predict`): ``peak_mem_predicted_bytes``, or why it could not be predicted."""
+    shape = (case.batch, case.grid_h, case.grid_w, case.dim)
+    with sdpa_context(settings.sdpa_backend):
+        predicted, why = predict.try_predict_peak_bytes(build, shape, TORCH_DTYPES[case.dtype], case.mode)
+    return {"peak_mem_predicted_bytes": predicted} if predicted is not None else {"predict_message": why}
+
+
+def check_memory(case: Case, row: dict[str, Any], settings: CellSettings) -> None:
+    """Raise :class:`OverBudget` when the predicted peak, with the weights and the input held, exceeds
+    ``budget.memory_fraction`` of the memory available now (free device memory on CUDA)."""
+    predicted = row.get("peak_mem_predicted_bytes")
+    if predicted is None:
+        return
+    held = DTYPE_BYTES[case.dtype] * (row.get("params_count", 0) + case.batch * case.tokens * case.dim)
+    device = torch.device(case.device)
+    limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
+    if predicted + held > limit:
+        raise OverBudget(f"predicted peak memory {(predicted + held) / 2**30:.3g} GiB (traced on the meta device) "
+                         f"exceeds the memory budget {limit / 2**30:.3g} GiB ({settings.budget.memory_fraction:g} of "
+                         f"the memory available)")
+
+
 def check_prediction(case: Case, row: dict[str, Any], prior: budget.Prior, settings: CellSettings) -> None:
     """Raise :class:`OverBudget` when the previous cell of the series predicts this one will not fit."""
     flops_now = budget.cell_flops(row)
@@ -141,30 +167,6 @@ def random_input(case: Case, batch: int, seed: int) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.randn(batch, case.grid_h, case.grid_w, case.dim, generator=gen)
     return x.to(device=case.device, dtype=TORCH_DTYPES[case.dtype])
-
-
-def make_call(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
-    """The measured call: ``forward`` runs ``module(x)`` under inference mode; ``train`` clears the
-    gradients, runs the forward and back-propagates a fixed random output gradient."""
-    if mode == "forward":
-        module.eval()
-
-        def call() -> None:
-            with torch.inference_mode():
-                module(x)
-
-        return call
-    module.train()
-    x.requires_grad_(True)
-    with torch.no_grad():
-        grad_out = torch.randn_like(module(x))
-
-    def call() -> None:
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        module(x).backward(grad_out)
-
-    return call
 
 
 def find_max_batch(case: Case, module: torch.nn.Module, settings: CellSettings) -> tuple[int, list[dict[str, Any]]]:
@@ -319,8 +321,11 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
             row.update(batch=batch, batch_requested=case.batch, batch_search=tries)
             case = dataclasses.replace(case, batch=batch)
         row.update(count(case, build))
-        if job.prior is not None and not settings.find_max_batch:
-            check_prediction(case, row, job.prior, settings)
+        if not settings.find_max_batch:
+            row.update(predict_memory(case, build, settings))
+            check_memory(case, row, settings)
+            if job.prior is not None:
+                check_prediction(case, row, job.prior, settings)
         x = random_input(case, case.batch, settings.seed)
         if row.get("macs_fvcore") != row.get("macs_fvcore"):  # NaN: fvcore could not trace on meta
             row.update(flops_mod.count_fvcore(module.eval(), x))

@@ -156,6 +156,8 @@ COLUMNS: tuple[Column, ...] = (
     _C("peak_mem_bytes", MEMORY, "float", "peak memory of one call above what was held before it", True, "memory",
        (2, "peak memory of one call, MiB", 2.0 ** 20, ".4g")),
     _C("peak_mem_method", MEMORY, "str", "cuda_allocator_peak_delta | rss_hwm_delta | unavailable", True),
+    _C("peak_mem_predicted_bytes", MEMORY, "int", "the call's peak memory traced on the meta device, before it ran"),
+    _C("predict_message", MEMORY, "str", "why the peak memory could not be predicted"),
     # telemetry (GPU state, and the machine's speed drift)
     _C("telemetry", TELEMETRY, "str", "nvml | absent"),
     _C("throttled", TELEMETRY, "str", "power or thermal throttle reasons seen around the cell"),

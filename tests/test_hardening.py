@@ -79,3 +79,20 @@ def test_a_resumed_run_accepts_added_cells(tmp_path):
     more = make_suite(["toy.proj", "mha.sdpa"], resolution=(32, 48))
     res = run_suite(more, out=tmp_path / "r", resume=True, progress=False)
     assert res.reused == 1 and res.measured == 3
+
+
+def test_a_first_cell_too_large_for_memory_is_over_budget_before_it_runs(tmp_path, monkeypatch):
+    from attnbench.measure import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 64 * 2**20)  # a 64 MiB machine
+    real = memory.peak_memory_bytes
+    monkeypatch.setattr(memory, "peak_memory_bytes", lambda fn, device: calls.append(1) or real(fn, device))
+    # mha.math at 64 x 64 tokens: 4096^2 float32 attention matrices per head, about 200 MB a call
+    rows = run_suite(make_suite(["mha.math", "mha.sdpa"], resolution=(256,), dim=48, heads=3), out=tmp_path / "r",
+                     progress=False).rows
+    math_row, sdpa_row = rows
+    assert math_row["status"] == "over_budget" and "traced on the meta device" in math_row["message"]
+    assert math_row["peak_mem_predicted_bytes"] > 3 * 4096 ** 2 * 4 and "measure_s" not in math_row
+    assert sdpa_row["status"] == "ok" and sdpa_row["peak_mem_predicted_bytes"] < 64 * 2**20 * 0.6
+    assert len(calls) == 1  # only the fused cell ran

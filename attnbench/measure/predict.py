@@ -1,47 +1,41 @@
 """Predict the peak memory of one measured call without allocating it: run the call on the meta device.
 
-:func:`predict_peak_bytes` builds the module on the meta device, makes the very call the harness
-measures (:func:`attnbench.cell.make_call`: ``forward`` under inference mode, or ``train``: zero the
-gradients, forward, backward of a fixed output gradient), calls it once untracked (the harness also
-warms up first, so caches a module fills on its first call, such as Swin's masks, are held before the
-measured call), then calls it again under :class:`LiveBytes`, a ``TorchDispatchMode`` that sees every
-aten op the call dispatches, on the forward and the backward pass alike:
+:func:`predict_peak_bytes` builds the module on meta, makes the very call the harness measures
+(:func:`attnbench.measure.call.make_call`: ``forward`` under inference mode; ``train``: drop the gradients,
+forward, backward of a fixed output gradient), runs it once untracked (the harness warms up too, so
+caches filled on a first call, such as Swin's masks, are held before the measured call), then again
+under :class:`LiveBytes`, a ``TorchDispatchMode`` that sees every aten op of the forward and backward:
 
-- an op's output whose storage is not one of its inputs' storages is new memory: its storage's bytes
-  (rounded up to ``granularity``, 512 like CUDA's caching allocator) are added to the live bytes;
-  views, in-place ops and ``out=`` ops share an input's storage and add nothing (an in-place resize
-  of a tracked storage adds what it grew by);
-- a weakref on the storage's Python object subtracts those bytes when the storage dies (torch keeps
-  a storage's Python object alive as long as the storage, so that is when the last view, or the
-  autograd graph's saved tensor, lets go of it);
-- storages held before the call that the call frees (the gradients of the previous call, freed by
-  ``zero_grad(set_to_none=True)``) are watched too and subtract when they die.
+- an op's output whose storage is none of its inputs' is new memory: its storage's bytes, rounded up
+  to ``granularity`` (512, as CUDA's caching allocator), join the live bytes; views, in-place and
+  ``out=`` ops share an input's storage and add nothing (a resize in place adds what it grew by);
+- a weakref on the storage's Python object (torch keeps it as long as the storage) subtracts them
+  when the storage dies: when its last view, or the autograd graph's saved tensor, lets it go;
+- the gradients held before a train call, which it frees first, subtract when they die;
+- a composite op reached whole (autograd is off in inference mode) runs its C++ decomposition under
+  the mode, so its temporaries (matmul's broadcast copies, SDPA's math path) are seen.
 
-The result is the peak of live bytes above those alive before the call: what CUDA reports as
-``max_memory_allocated() - memory_allocated()`` for that call, up to the gaps below. Meta tensors
-allocate nothing, so this takes milliseconds at any size (the tracker agrees byte for byte with the
-same call on real CPU tensors; see tests/test_predict.py).
+The result is the peak of live bytes above the level before the call: what CUDA reports as
+``max_memory_allocated() - memory_allocated()`` for it, up to the gaps below, in milliseconds at any
+size. The tracker agrees byte for byte with the same call on real CPU tensors (tests/test_predict.py).
 
-``F.scaled_dot_product_attention`` on meta tensors would run torch's math fallback (it materialises
-the N x N logits); a fused kernel runs on CPU and CUDA. While predicting, a call on meta tensors goes
-to CPU's fused kernel's meta function (``_scaled_dot_product_flash_attention_for_cpu``: output plus a
-float32 log-sum-exp of B*h*N, the memory of every fused backend up to padding) whenever a fused
-backend is enabled (so ``sdpa_backend: math`` predicts the math path).
+``F.scaled_dot_product_attention`` on meta tensors would take torch's math fallback (the N x N
+logits); CPU and CUDA run a fused kernel. While predicting it runs the meta function of CPU's fused
+kernel instead (:class:`FusedSDPAOnMeta`; output plus a float32 log-sum-exp (B, h, N), what every
+fused backend holds up to padding) whenever a fused backend is enabled (``sdpa_backend: math``: math).
 
-Known gaps (the prediction is a lower bound of what the allocator holds):
+Known gaps (a lower bound of what the allocator holds, beyond the byte-exact storages):
 
-- memory a kernel allocates for itself, below the dispatcher: fused attention workspaces (small on
-  CPU; on CUDA flash/efficient need O(B*h*N) float32 and cuDNN a workspace), cuBLAS workspaces,
-  oneDNN/MKL buffers of convolutions and matmuls, and the contiguous copies a kernel makes of strided
-  inputs;
-- allocator behaviour: caching and fragmentation (CUDA reserves more than it allocates; only the
-  allocated bytes are modelled), the CPU allocator's page granularity, and the resident-set delta the
-  CPU measurement reports (it also sees the allocator's and the kernels' own scratch pages);
-- SDPA's backend is assumed fused whenever one is enabled; a fused backend that refuses the inputs
-  (CUDA flash with float32, say) and falls back to math on the real device is under-predicted;
-- tensors without a storage (sparse, nested) count nothing; reference cycles freed only by ``gc``
-  are counted until the cycle collector runs, as on a real device;
-- torch.compile is not modelled (eager execution only).
+- memory kernels allocate for themselves below the dispatcher: fused attention workspaces (small on
+  CPU; on CUDA O(B*h*N) float32 for flash/efficient, a workspace for cuDNN), cuBLAS workspaces,
+  oneDNN/MKL buffers, the contiguous copies a kernel makes of strided inputs;
+- allocator behaviour: CUDA's caching (reserved > allocated: only allocated is modelled) and
+  fragmentation; the CPU measurement's resident-set delta also sees scratch and retained heap pages
+  (tens of MB: large only for small cells);
+- SDPA is assumed fused whenever a fused backend is enabled and the mask needs no gradient (CPU's
+  rule); a backend that refuses the inputs and falls back to math is under-predicted, and a CUDA
+  efficient kernel with a mask that needs a gradient is over-predicted (math is assumed);
+- tensors without a storage (sparse, nested) count nothing; eager only (no torch.compile).
 """
 
 from __future__ import annotations
@@ -56,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .call import make_call
 from .flops import build_meta
 
 MODES = ("forward", "train")
@@ -190,8 +185,6 @@ def predict_peak_bytes(build: Callable[[], nn.Module], x_shape: tuple[int, ...],
     included). Milliseconds at any size: nothing is allocated. Raises :class:`PredictionError`,
     whose message says why, when the call cannot be run on the meta device; never anything else.
     """
-    from ..cell import make_call  # the call the harness measures (lazily: cell may import this module)
-
     if mode not in MODES:
         raise PredictionError(f"mode must be one of {MODES}, got {mode!r}")
     try:
