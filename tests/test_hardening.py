@@ -1,7 +1,6 @@
 """What a new user broke in one afternoon (issue 12), each with a test that fails without its fix.
 The bad inputs that must give exit 2 are in test_bad_input.py."""
 
-import json
 
 import pytest
 

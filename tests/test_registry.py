@@ -1,6 +1,8 @@
 """Registry: names, listing, typed errors, shared layouts, plugins from files and entry points."""
 
 import itertools
+import math
+import random
 import subprocess
 import sys
 import textwrap
@@ -12,6 +14,7 @@ import attnbench
 from attnbench import registry
 from attnbench.measure import flops as F
 from conftest import ROOT, randomize_
+from equivalence import assert_same_function
 
 BUILTINS = {"mha.sdpa", "mha.math", "sra.conv", "sra.linear"}
 
@@ -22,9 +25,7 @@ def test_builtins_listed():
 
 
 def test_contract_shapes():
-    for name in attnbench.list_impls():
-        if name.startswith(("toy.", "mine.")):
-            continue
+    for name in sorted(n for names in ALGORITHMS.values() for n in names):  # the package's own
         m = attnbench.create(name, dim=48, heads=3).eval()
         y = m(torch.randn(2, 16, 12, 48))
         assert y.shape[0] == 2 and y.shape[-1] == 48, name
@@ -53,16 +54,63 @@ def test_params_and_descriptions():
     assert spec.family == "sra" and spec.description
 
 
-@pytest.mark.parametrize("algorithm", sorted({s.algorithm for s in registry.specs().values()}))
-def test_same_algorithm_same_layout_same_function(algorithm):
-    """Implementations of one algorithm load each other's state_dict strictly and agree."""
-    names = [n for n, s in registry.specs().items() if s.algorithm == algorithm]
-    for a, b in itertools.combinations(names, 2):
-        ma = randomize_(attnbench.create(a, dim=48, heads=3), seed=5).eval()
-        mb = attnbench.create(b, dim=48, heads=3).eval()
+def _builtin_algorithms():
+    """algorithm -> sorted names of the package's own implementations (plugins other tests load are not)."""
+    groups = {}
+    for name, spec in registry.specs().items():
+        if spec.cls.__module__.startswith("attnbench.impls."):
+            groups.setdefault(spec.algorithm, []).append(name)
+    return groups
+
+
+ALGORITHMS = _builtin_algorithms()
+SAME = [(alg, a, b) for alg, names in sorted(ALGORITHMS.items()) for a, b in itertools.combinations(names, 2)]
+OTHER = [(a, b) for a, b in itertools.combinations(sorted(n for names in ALGORITHMS.values() for n in names), 2)
+         if registry.get_spec(a).family == registry.get_spec(b).family
+         and registry.get_spec(a).algorithm != registry.get_spec(b).algorithm]
+_rng = random.Random(17)
+GRIDS = [(14, 14), (_rng.randint(1, 20), _rng.randint(1, 20))]  # a fixed and a random grid
+
+
+def test_algorithm_pairs_cover_the_registry():
+    """Every algorithm with more than one implementation is compared, pair by pair, and the known
+    groups are there (an implementation moved to its own algorithm would silently lose its check)."""
+    assert _builtin_algorithms() == ALGORITHMS  # nothing registered since collection changed the groups
+    shared = {alg: names for alg, names in ALGORITHMS.items() if len(names) > 1}
+    assert {alg for alg, _, _ in SAME} == set(shared)
+    assert len(SAME) == sum(math.comb(len(names), 2) for names in ALGORITHMS.values())
+    assert len(SAME) == len(set(SAME))
+    for alg, names in {"mha": {"mha.sdpa", "mha.math"}, "swin.shift": {"swin.shift_pad", "swin.shift_cyclic"},
+                       "local": {"local.im2col", "local.shift_dwconv"}}.items():
+        assert names <= set(shared.get(alg, ())), alg
+    assert len(SAME) >= 3 and len(OTHER) >= 3
+    assert set(itertools.chain(*OTHER)) >= {"sra.conv", "swin.window", "local.slide"}
+
+
+@pytest.mark.parametrize("algorithm,a,b", SAME, ids=[f"{a}={b}" for _, a, b in SAME])
+@pytest.mark.parametrize("h,w", GRIDS)
+def test_same_algorithm_same_layout_same_function(algorithm, a, b, h, w):
+    """Implementations of one algorithm load each other's state_dict strictly and agree (float64)."""
+    ma = randomize_(attnbench.create(a, dim=48, heads=3), seed=5).eval()
+    mb = attnbench.create(b, dim=48, heads=3).eval()
+    mb.load_state_dict(ma.state_dict(), strict=True)
+    x = torch.randn(2, h, w, 48, generator=torch.Generator().manual_seed(h * w))
+    assert_same_function(ma, mb, x)
+
+
+@pytest.mark.parametrize("a,b", OTHER, ids=[f"{a}!={b}" for a, b in OTHER])
+def test_other_algorithms_of_a_family_differ(a, b):
+    """Two algorithms of one family either have different layouts or compute different functions, so
+    their algorithm labels are not hiding a pair that should be compared."""
+    ma = randomize_(attnbench.create(a, dim=48, heads=3), seed=5).eval()
+    mb = attnbench.create(b, dim=48, heads=3).eval()
+    try:
         mb.load_state_dict(ma.state_dict(), strict=True)
-        x = torch.randn(1, 14, 14, 48)
-        torch.testing.assert_close(ma(x), mb(x), rtol=1e-4, atol=1e-5)
+    except RuntimeError:
+        return  # different layouts
+    x = torch.randn(2, 14, 14, 48, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(AssertionError, match="differ in float64"):
+        assert_same_function(ma, mb, x)
 
 
 def test_register_rejects_bad_classes():

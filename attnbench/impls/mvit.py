@@ -33,7 +33,7 @@ def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
     """(L, d) relative-position table -> (length, d), linearly interpolated when L != length."""
     if table.shape[0] == length:
         return table
-    t = table.float().t().unsqueeze(0)  # (1, d, L); interpolation done in float32 for every dtype
+    t = table.to(torch.promote_types(table.dtype, torch.float32)).t().unsqueeze(0)  # (1, d, L): float32 or wider
     t = F.interpolate(t, size=length, mode="linear")
     return t.squeeze(0).t().to(table.dtype)
 
