@@ -42,6 +42,9 @@ from .schema import DTYPE_BYTES, SCHEMA_VERSION, SKIPPED_PREFIX, Status
 from .suite import Case
 
 
+CALLS_BEFORE_TIMING = 3  # the first call, at least one warm-up call, the peak-memory call
+
+
 class OverBudget(Exception):
     """The cell was predicted or found to exceed its time or memory budget."""
 
@@ -153,7 +156,7 @@ def check_prediction(case: Case, row: dict[str, Any], prior: budget.Prior, setti
     """Raise :class:`OverBudget` when the previous cell of the series predicts this one will not fit."""
     flops_now = budget.cell_flops(row)
     problem = budget.time_problem(prior, math.nan if flops_now is None else flops_now,
-                                  1 + settings.timing.min_repeats, settings.budget.cell_time_s)
+                                  CALLS_BEFORE_TIMING + settings.timing.min_repeats, settings.budget.cell_time_s)
     device = torch.device(case.device)
     if problem is None and device.type == "cpu":
         limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)

@@ -82,6 +82,18 @@ def apply_globals(threads: int | None, tf32: bool | None, device: torch.device) 
             "tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None}
 
 
+def saved_globals() -> tuple[int, bool, bool]:
+    """torch's process-wide state that :func:`apply_globals` changes, to put back after a run."""
+    return torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def restore_globals(saved: tuple[int, bool, bool]) -> None:
+    threads, tf32_matmul, tf32_cudnn = saved
+    torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = tf32_matmul
+    torch.backends.cudnn.allow_tf32 = tf32_cudnn
+
+
 def sdpa_context(name: str):
     """Pin F.scaled_dot_product_attention to one backend (``auto``: torch chooses)."""
     if name == "auto":

@@ -30,7 +30,7 @@ from . import rundir
 from .budget import Prior
 from .cell import blocked_message, measure_cell, skipped_row
 from .context import CellContext
-from .device import apply_globals, dtype_problem, resolve_device, resolve_dtypes
+from .device import apply_globals, dtype_problem, resolve_device, resolve_dtypes, restore_globals, saved_globals
 from .errors import DeviceError, SuiteError
 from .isolate import measure_in_worker
 from .job import CellSettings, Job
@@ -132,6 +132,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
     suite, dev, cases = prepare(suite, device, only)
     model = suite.model if isolation is None else suite.model.model_copy(update={"isolation": isolation})
     settings = CellSettings.from_suite(model)
+    saved = saved_globals()  # put back when the run ends: a caller's process keeps its own settings
     apply_globals(settings.threads, settings.tf32, dev)  # fixed for the run, recorded per row
     run_dir = rundir.choose(Path(results_root) / suite.name, out, resume)
     env = collect_env(dev)
@@ -198,6 +199,7 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
                 bar.update(1)
     finally:
         gc.unfreeze()
+        restore_globals(saved)
         if bar is not None:
             bar.close()
         env["sentinel_tflops_best"] = ctx.sentinel_best

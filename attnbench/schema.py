@@ -163,7 +163,7 @@ COLUMNS: tuple[Column, ...] = (
     _C("throttled", TELEMETRY, "str", "power or thermal throttle reasons seen around the cell"),
     _C("sentinel_tflops_before", TELEMETRY, "float", "the sentinel matmul's TFLOP/s before the timed calls"),
     _C("sentinel_tflops_after", TELEMETRY, "float", "the same after the timed calls"),
-    _C("device_speed_before", TELEMETRY, "float", "sentinel before / the run's fastest sentinel reading so far"),
+    _C("device_speed_before", TELEMETRY, "float", "sentinel before / the run's fastest reading up to the cell's end"),
     _C("device_speed_after", TELEMETRY, "float", "the same after the timed calls"),
     _C("device_speed", TELEMETRY, "float", "geometric mean of the two (at most 1)"),
     _C("sentinel_drift", TELEMETRY, "bool", "both sentinel readings more than 10% below the fastest"),

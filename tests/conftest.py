@@ -293,3 +293,97 @@ def run_without(code: str, *args, blocked=("torch",), strict=True, timeout=120) 
                           timeout=timeout)
     assert proc.returncode != WITHOUT_FAILED, proc.stderr
     return proc
+
+
+# --- scripted time and process-wide settings (tests of the budget rule, warm-up, compile, check) ----
+
+class ScriptedClock:
+    """A virtual ``time`` for :mod:`attnbench.cell` and :mod:`attnbench.measure.timing`: it stands still
+    except while a measured call runs, which advances it by ``cost(module, x)`` seconds (asked at each
+    call; ``x`` is the cell's input). The machine's speed never enters: budgets, warm-up counts, sample
+    counts and latencies become exact. ``calls`` lists (batch, grid_h, grid_w) of every measured call."""
+
+    def __init__(self, cost=None):
+        self.ns = 0
+        self.cost = cost or (lambda module, x: 0.0)
+        self.calls: list[tuple[int, int, int]] = []
+
+    def advance(self, seconds: float) -> None:
+        self.ns += round(seconds * 1e9)
+
+    def perf_counter(self) -> float:
+        return self.ns / 1e9
+
+    def perf_counter_ns(self) -> int:
+        return self.ns
+
+    def __getattr__(self, name):  # sleep, time, monotonic...: the real ones
+        import time
+
+        return getattr(time, name)
+
+
+@pytest.fixture
+def scripted_calls(monkeypatch):
+    """Every cell measured in this process runs on a :class:`ScriptedClock` (returned; set its ``cost``):
+    the cell's measured call (``attnbench.cell.make_call``) really runs, then "takes" ``cost(module, x)``
+    seconds. The sentinel and the device peaks read constants (timed on this clock they would divide by zero)."""
+    from attnbench import cell
+    from attnbench.measure import peaks, timing
+
+    clock = ScriptedClock()
+    monkeypatch.setattr(cell, "time", clock)
+    monkeypatch.setattr(timing, "time", clock)
+    monkeypatch.setattr(peaks, "sentinel_tflops", lambda device, repeats=5: 1.0)
+    monkeypatch.setattr(peaks, "matmul_tflops", lambda device, dtype, repeats=None: 1.0)
+    monkeypatch.setattr(peaks, "measure_peaks", lambda device, dtypes, repeats=10: {
+        "device": str(device), "matmul_tflops": {d: 1.0 for d in dtypes}, "copy_gb_s": 1.0})
+    real_make_call = cell.make_call
+
+    def make_call(module, x, mode):
+        call = real_make_call(module, x, mode)
+
+        def scripted():
+            call()
+            clock.calls.append(tuple(x.shape[:3]))
+            clock.advance(clock.cost(module, x))
+
+        return scripted
+
+    monkeypatch.setattr(cell, "make_call", make_call)
+    return clock
+
+
+@pytest.fixture
+def keep_torch_globals():
+    """Restore torch's CPU threads and TF32 flags after a test whose run sets them (``threads``, ``tf32``)."""
+    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.set_num_threads(saved[0])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
+
+
+def failed_statuses_run(root: Path) -> Path:
+    """A synthetic run (224..512 px) with the statuses only an isolated or picky run produces:
+    toy.hang times out at 384 (larger cells then skipped), toy.crash crashes from 384 on (each tried),
+    toy.picky is unsupported at 320; mha.sdpa is ok throughout."""
+    res = [224, 320, 384, 448, 512]
+    rows = []
+    for label, k, lat0 in (("mha.sdpa", 2.0, 10.0), ("toy.hang", 1.0, 2.0), ("toy.crash", 1.0, 3.0),
+                           ("toy.picky", 1.0, 4.0)):
+        for r in res:
+            lat = lat0 * ((r / 224) ** 2) ** k
+            status, message = "ok", ""
+            if label == "toy.hang" and r == 384:
+                status, message = "timeout", "the worker did not finish within 3 s and was killed"
+            elif label == "toy.hang" and r > 384:
+                status, message = "timeout", "skipped: resolution 384 was timeout"
+            elif label == "toy.crash" and r >= 384:
+                status, message = "crashed", "the worker process died (signal 9)"
+            elif label == "toy.picky" and r == 320:
+                status, message = "unsupported", "grid 80x80 is not a multiple of 7"
+            rows.append(sweep_row(label, label, label.split(".")[0], {}, r, k=k, status=status, message=message,
+                                  latency=lat if status == "ok" else None))
+    env = {"device": "cpu", "gpu": None, "cpu": {"model": "Test CPU", "logical_cores": 2},
+           "torch": {"version": "2.15.0", "num_threads": 2}}
+    return write_run(root, rows, env=env, suite={"name": "statuses", "resolution": res, "patch": 4})

@@ -137,43 +137,76 @@ def test_baseline_refuses_to_overwrite_other_files(tmp_path):
 # --- a real run with a planted slowdown ---------------------------------------------------------
 
 SLEEPY_PLUGIN = '''
-import os, time
 import torch
 import attnbench
 
 
 @attnbench.register("sleepy.check", family="sleepy")
 class SleepyCheck(torch.nn.Module):
-    """Spins SLEEPY_CHECK_MS milliseconds per call."""
+    """A projection; the test's scripted clock decides how long its calls take."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.proj = torch.nn.Linear(dim, dim)
 
     def forward(self, x):
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < float(os.environ.get("SLEEPY_CHECK_MS", "1")) / 1e3:
-            pass
         return self.proj(x)
 '''
 
 
-def test_check_suite_with_planted_slowdown(tmp_path, monkeypatch, capsys):
+def test_check_suite_with_planted_slowdown(tmp_path, monkeypatch, scripted_calls, keep_torch_globals, capsys):
+    """Real runs of a suite (baseline, new run, one retry) on a scripted clock: sleepy.check's calls take
+    1 ms, then 4 ms (+-3%); mha.sdpa's 2 ms throughout; every call peaks at 1 MiB. The 4x slowdown, and
+    nothing else, fails, confirmed by the retry."""
+    import itertools
+
+    from attnbench.measure import memory
+
+    def one_mib(fn, device):
+        fn()
+        return float(2**20), memory.CPU_METHOD
+
+    monkeypatch.setattr(memory, "peak_memory_bytes", one_mib)
     (tmp_path / "sleepy.py").write_text(SLEEPY_PLUGIN)
     suite = suite_file(tmp_path, ["sleepy.check", "mha.sdpa"], filename="s.yaml", name="sleepy", threads=1,
                        plugins=["sleepy.py"], timing={"warmup_s": 0.0, "target_s": 0.03, "min_repeats": 20,
                                                       "max_repeats": 30})
+    sleepy_ms = [1.0]
+    jitter = itertools.cycle([1.0, 1.03, 0.97, 1.01, 0.99, 1.02, 0.98])
+    scripted_calls.cost = lambda module, x: next(jitter) * (
+        sleepy_ms[0] if type(module).__name__ == "SleepyCheck" else 2.0) / 1e3
     root = tmp_path / "baselines"
-    monkeypatch.setenv("SLEEPY_CHECK_MS", "1")
     assert main(["baseline", "update", str(suite), "--root", str(root), "--out", str(tmp_path / "b"),
                  "--no-progress"]) == 0
-    monkeypatch.setenv("SLEEPY_CHECK_MS", "4")  # 4x slower: beyond +50% however busy the machine is
+    sleepy_ms[0] = 4.0
     rc = main(["check", str(suite), "--baseline", "auto", "--root", str(root), "--out", str(tmp_path / "n"),
                "--max-slowdown", "50%", "--alpha", "0.001", "--retries", "1", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 1, out
     assert f"run folder: {tmp_path / 'n'}" in out and f"run folder: {tmp_path / 'n-retry1'}" in out
-    assert "REGRESSION sleepy.check 32px" in out and "latency" in out
+    failing = [line for line in out.splitlines() if line.startswith("REGRESSION")]
+    assert len(failing) == 1 and failing[0].startswith("REGRESSION sleepy.check 32px"), out
+    assert ": latency 1 -> 4 ms (x4.000, p=" in failing[0], out
+    base = store.read_rows(tmp_path / "b")[0]
+    assert base["impl"] == "sleepy.check" and base["latency_n"] == 30  # 0.03 s target / 1 ms, within 20..30
+    assert store.read_rows(tmp_path / "n")[0]["latency_n"] == 20  # 4 ms calls: min_repeats
+
+
+# --- failed statuses are regressions ---------------------------------------------------------------
+
+@pytest.mark.parametrize("status", ["timeout", "crashed", "unsupported"])
+def test_ok_to_a_failed_status_is_a_regression(tmp_path, capsys, status):
+    base = write_run(tmp_path / "b", [cell("mha.sdpa", 224, 10.0, seed=1), cell("toy.hang", 224, 2.0, seed=2)])
+    new = write_run(tmp_path / "n", [cell("mha.sdpa", 224, 10.0, seed=3),
+                                     cell("toy.hang", 224, 0, seed=4, status=status)])
+    cmp = compare_runs(base, new)
+    whys = [(f.cell.label.split()[0], f.why) for f in check(cmp)]
+    assert whys == [("toy.hang", f"status ok -> {status} ({status}: planted)")]  # the message rides along
+    assert check(cmp, fail_on_status=False) == []
+    assert main(["check", str(new), "--baseline", str(base)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION toy.hang 224px" in out and f"status ok -> {status}" in out
+    assert main(["check", str(base), "--baseline", str(new)]) == 0  # the other way round: better, no failure
 
 
 # --- this project's CI baseline ------------------------------------------------------------------

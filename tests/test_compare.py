@@ -122,3 +122,25 @@ def test_compare_needs_no_torch(tmp_path):
     r = run_without(code, base, new)
     assert r.returncode == 0, r.stderr
     assert "slower" in r.stdout
+
+
+def test_statuses_of_isolated_and_picky_cells(tmp_path, capsys):
+    """ok -> timeout, crashed or unsupported is worse (a regression); back to ok is better; one failure for
+    another is a change; the same failure is equal. A failed side has no latency to compare."""
+    pairs = {"a.ok_timeout": ("ok", "timeout"), "a.ok_crashed": ("ok", "crashed"),
+             "a.ok_unsupported": ("ok", "unsupported"), "a.timeout_ok": ("timeout", "ok"),
+             "a.timeout_crashed": ("timeout", "crashed"), "a.unsupported_same": ("unsupported", "unsupported")}
+    base = write_run(tmp_path / "b", [cell(i, 224, 5.0, seed=k, status=sb) for k, (i, (sb, _)) in
+                                      enumerate(pairs.items())])
+    new = write_run(tmp_path / "n", [cell(i, 224, 5.0, seed=10 + k, status=sn) for k, (i, (_, sn)) in
+                                     enumerate(pairs.items())])
+    cells = by_impl(compare_runs(base, new))
+    verdicts = {i: cells[i].metric("status").verdict for i in pairs}
+    assert verdicts == {"a.ok_timeout": "worse", "a.ok_crashed": "worse", "a.ok_unsupported": "worse",
+                        "a.timeout_ok": "better", "a.timeout_crashed": "changed", "a.unsupported_same": "equal"}
+    assert all(cells[i].metric("latency_ms") is None for i in pairs)
+    assert main(["compare", str(base), str(new)]) == 0  # compare reports; check judges
+    out = capsys.readouterr().out
+    for sb, sn, verdict in (("ok", "timeout", "worse"), ("ok", "crashed", "worse"), ("timeout", "ok", "better"),
+                            ("timeout", "crashed", "changed")):
+        assert f"status    {sb} -> {sn}  {verdict}" in out

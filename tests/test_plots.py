@@ -8,7 +8,8 @@ import pytest
 from attnbench.analysis import plots
 from attnbench.cli import main
 from attnbench.errors import RunDirError
-from conftest import PNG_MAGIC, RESOLUTIONS, ROOT, SERIES, make_shape_run, make_sweep_run, run_without, suite_file
+from conftest import (PNG_MAGIC, RESOLUTIONS, ROOT, SERIES, failed_statuses_run, make_shape_run, make_sweep_run,
+                      run_without, suite_file)
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
@@ -180,3 +181,25 @@ def test_run_plots_at_the_end_and_a_plot_failure_only_warns(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "warning: plotting failed (ValueError: broken plot)" in err
     assert len((tmp_path / "bad" / "rows.jsonl").read_text().splitlines()) == 3
+
+
+def test_unsupported_timeout_and_crashed_cells_are_marked(tmp_path):
+    run_dir = failed_statuses_run(tmp_path / "statuses")
+    run = plots.load_run(run_dir)
+    figs = {name: (fig, info) for name, fig, info in plots.build_figures(run)}
+    assert {"latency-float32-forward.png", "memory-float32-forward.png", "flops-float32-forward.png"} <= set(figs)
+    marked = figs["latency-float32-forward.png"][1]["marked"]
+    # nothing to predict a time-out, a crash or a refusal from: on the strip, each at its token count
+    assert sorted((m["label"], m["tokens"], m["status"], m["placement"]) for m in marked) == sorted(
+        [("toy.hang", (r // 4) ** 2, "timeout", "strip") for r in (384, 448, 512)]
+        + [("toy.crash", (r // 4) ** 2, "crashed", "strip") for r in (384, 448, 512)]
+        + [("toy.picky", 80 ** 2, "unsupported", "strip")])
+    texts = {t.get_text() for t in figs["latency-float32-forward.png"][0].axes[0].get_legend().get_texts()}
+    assert {"timeout", "crashed", "unsupported"} <= texts
+    series = {s["label"]: s for s in figs["latency-float32-forward.png"][1]["series"]}
+    assert series["toy.picky"]["fit"].k == pytest.approx(1.0, abs=0.05)  # fitted over its ok cells around the gap
+    # FLOPs are counted for every cell: the failed ones are drawn where they are, hollow
+    fmarked = figs["flops-float32-forward.png"][1]["marked"]
+    assert len(fmarked) == 7 and {m["placement"] for m in fmarked} == {"counted"}
+    pngs = plots.plot_run(run_dir)
+    assert pngs and all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)

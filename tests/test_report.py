@@ -9,7 +9,7 @@ import pytest
 from attnbench.analysis.report import show_text, write_report
 from attnbench.cli import main
 from attnbench.errors import AttnbenchError
-from conftest import PNG_MAGIC, ROOT, make_shape_run, make_sweep_run, run_without
+from conftest import PNG_MAGIC, ROOT, failed_statuses_run, make_shape_run, make_sweep_run, run_without
 
 
 class _Collect(HTMLParser):
@@ -130,3 +130,50 @@ print(md, html)
     assert html.count("data:image/png;base64,") == len(list((ref / "plots").glob("*.png"))) == 7
     assert "roofline-float32-forward.png" in html
     assert "local.shift_dwconv over local.im2col (kernel=3)" in html
+
+
+# --- statuses of isolated and picky runs: unsupported, timeout, crashed ------------------------------
+
+@pytest.fixture(scope="module")
+def statuses_run(tmp_path_factory):
+    return failed_statuses_run(tmp_path_factory.mktemp("statuses") / "run")
+
+
+def test_summary_shows_unsupported_timeout_and_crashed(statuses_run):
+    from attnbench import load_results
+    from attnbench.analysis.summary import attention_cells, summary_text
+
+    df = load_results(statuses_run)
+    text = summary_text(df)
+    lat = text.split("peak memory")[0]
+    assert "toy.hang" in lat and lat.count("timeout") == 3 and lat.count("crashed") == 3 and lat.count("n/a") == 1
+    assert "cells: crashed 3, ok 13, timeout 3, unsupported 1" in text
+    assert "timeout: toy.hang 384px (9216 tokens) float32 forward batch 1: the worker did not finish within 3 s" in text
+    assert "crashed: toy.crash 448px (12544 tokens) float32 forward batch 1: the worker process died (signal 9)" in text
+    assert "unsupported: toy.picky 320px (6400 tokens)" in text
+    assert "skipped: 2 cell(s) not tried after a smaller resolution failed" in text
+    cells = attention_cells(df)
+    kinds = sorted((c["kind"], c["status"]) for c in cells)
+    assert kinds == sorted([("failed", "timeout"), ("skipped", "timeout"), ("skipped", "timeout")]
+                           + [("failed", "crashed")] * 3 + [("failed", "unsupported")])
+
+
+def test_report_lists_unsupported_timeout_and_crashed(statuses_run):
+    md, html = write_report(statuses_run)
+    text, page = md.read_text(), html.read_text()
+    lat = text.split("## Latency")[1].split("##")[0]
+    assert "| toy.hang | 2 | 4.08 | timeout | timeout | timeout |" in lat
+    assert "| toy.crash | 3 | 6.12 | crashed | crashed | crashed |" in lat
+    assert "| toy.picky | 4 | n/a | 11.8 | 16 | 20.9 |" in lat
+    assert "cells | 20: crashed 3, ok 13, timeout 3, unsupported 1" in text
+    assert "5 failed, 2 not tried after a failure at a smaller size" in text
+    failed = text.split("## Failed cells")[1].split("##")[0]
+    assert "| timeout | toy.hang 384px" in failed and "the worker did not finish within 3 s and was killed" in failed
+    assert failed.count("| crashed | toy.crash") == 3 and "the worker process died (signal 9)" in failed
+    assert "| unsupported | toy.picky 320px" in failed and "grid 80x80 is not a multiple of 7" in failed
+    not_tried = text.split("## Not tried")[1].split("##")[0]
+    assert not_tried.count("skipped: resolution 384 was timeout") == 2
+    for needle in ("the worker did not finish within 3 s and was killed", "the worker process died (signal 9)",
+                   "grid 80x80 is not a multiple of 7", "skipped: resolution 384 was timeout"):
+        assert needle in page
+    assert page.count("data:image/png;base64,") == len(list((statuses_run / "plots").glob("*.png"))) > 0

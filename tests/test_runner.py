@@ -71,17 +71,93 @@ def test_oom_skips_larger_resolutions(tmp_path):
     assert rows[96]["flops_analytic"] > 0  # FLOPs are still counted for cells not run
 
 
-def test_time_budget_predicts_and_skips(tmp_path):
-    # toy.slow sleeps 0.1 ms per token: grids 8, 16, 32, 64 take 6.4, 26, 102, 410 ms a call
-    s = suite(["toy.slow"], resolution=(32, 64, 128, 256, 512), budget={"cell_time_s": 1.0},
-              timing={"warmup_s": 0.0, "target_s": 0.05, "min_repeats": 3, "max_repeats": 5})
+# the budget rule on a scripted clock: toy.proj's measured call "takes" 0.1 ms per token, whatever the machine
+SCRIPTED_TIMING = {"warmup_s": 0.0, "target_s": 0.05, "min_repeats": 3, "max_repeats": 5, "sentinel": False}
+
+
+def per_token(module, x):
+    return x.shape[1] * x.shape[2] * 1e-4  # grids 8, 16, 32, 64: 6.4, 25.6, 102.4, 409.6 ms a call
+
+
+def test_time_budget_predicts_and_skips(tmp_path, scripted_calls):
+    scripted_calls.cost = per_token
+    s = suite(["toy.proj"], resolution=(32, 64, 128, 256, 512), budget={"cell_time_s": 1.0}, timing=SCRIPTED_TIMING)
     res = run_suite(s, out=tmp_path / "r", progress=False)
     rows = {r["resolution"]: r for r in res.rows}
     assert [rows[r]["status"] for r in (32, 64, 128)] == ["ok"] * 3
-    assert rows[256]["status"] == "over_budget"  # predicted ~0.41 s x 4 calls > 1 s
-    assert "predicted" in rows[256]["message"] and "latency_n" not in rows[256]  # not tried
+    # 0.05 s target: 8 calls of 6.4 ms, capped at 5; 2 of 25.6 ms and 1 of 102 ms, raised to min_repeats 3
+    assert rows[32]["latency_ms_samples"] == [6.4] * 5
+    assert rows[64]["latency_ms_samples"] == [25.6] * 3 and rows[128]["latency_ms_samples"] == [102.4] * 3
+    # resolution 128 -> 256: 4x the FLOPs, 0.41 s a call predicted, x (3 + min_repeats) calls > 1 s: not tried
+    # (the first call, a warm-up call and the peak-memory call come before the min_repeats timed ones)
+    assert rows[256]["status"] == "over_budget"
+    assert rows[256]["message"] == ("predicted 0.41 s per call (resolution 128: 102 ms, scaled by FLOPs) x 6 calls "
+                                    "exceeds the cell budget of 1 s")
+    assert "latency_n" not in rows[256] and "measure_s" not in rows[256]
+    assert {grid for _, grid, _ in scripted_calls.calls} == {8, 16, 32}  # no call of grid 64 or 128 was made
     assert rows[512]["status"] == "over_budget"
     assert rows[512]["message"] == "skipped: resolution 256 was over_budget"
+    assert res.measured == 4 and res.skipped == 1
+
+
+def test_time_budget_prediction_passes_what_fits(tmp_path, scripted_calls):
+    """The same step of 4x with a budget of 2.5 s: 0.41 s predicted x (3 + min_repeats) = 6 calls, 2.46 s,
+    fits, so the cell is measured."""
+    scripted_calls.cost = per_token
+    s = suite(["toy.proj"], resolution=(128, 256), budget={"cell_time_s": 2.5}, timing=SCRIPTED_TIMING)
+    rows = run_suite(s, out=tmp_path / "r", progress=False).rows
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows[1]["message"]
+    assert rows[1]["latency_ms_samples"] == [409.6] * 3
+
+
+def test_first_call_over_half_the_budget_stops_the_cell(tmp_path, scripted_calls):
+    scripted_calls.cost = per_token
+    s = suite(["toy.proj"], resolution=(256, 512), budget={"cell_time_s": 0.8}, timing=SCRIPTED_TIMING)
+    rows = run_suite(s, out=tmp_path / "r", progress=False).rows
+    assert rows[0]["status"] == "over_budget"  # no prior: the first call itself decides
+    assert rows[0]["message"] == "the first call took 0.41 s, over half the cell budget of 0.8 s"
+    assert scripted_calls.calls == [(1, 64, 64)]  # that call, and nothing after it
+    assert rows[0]["measure_s"] == pytest.approx(0.4096) and "latency_n" not in rows[0]
+    assert rows[1]["status"] == "over_budget" and rows[1]["message"] == "skipped: resolution 256 was over_budget"
+
+
+@pytest.mark.parametrize("budget_s,status", [(2.0, "over_budget"), (2.5, "ok")])
+def test_min_repeats_must_fit_in_what_is_left(tmp_path, scripted_calls, budget_s, status):
+    """409.6 ms calls: the first, one warm-up and the peak-memory call use 1.2288 s of the budget; 3 more
+    (min_repeats) need 1.2288 s: over a budget of 2 s (0.771 s left), within one of 2.5 s (1.27 s left)."""
+    scripted_calls.cost = per_token
+    s = suite(["toy.proj"], resolution=(256,), budget={"cell_time_s": budget_s}, timing=SCRIPTED_TIMING)
+    row = run_suite(s, out=tmp_path / "r", progress=False).rows[0]
+    assert row["status"] == status, row["message"]
+    if status == "over_budget":
+        assert row["message"] == "3 calls of 410 ms exceed the 0.771 s left of the cell budget of 2 s"
+        assert len(scripted_calls.calls) == 3 and row["measure_s"] == pytest.approx(1.2288)
+    else:
+        assert row["latency_ms_samples"] == [409.6] * 3 and row["warmup_calls"] == 2
+        assert len(scripted_calls.calls) == 6 and row["measure_s"] == pytest.approx(6 * 0.4096)
+
+
+def test_memory_budget_predicts_from_the_prior_cell(tmp_path, monkeypatch):
+    """CPU: the last measured cell's peak memory scaled by tokens^2 against memory_fraction x the memory available."""
+    from attnbench.measure import memory
+
+    def one_mib(fn, device):
+        fn()
+        return float(2**20), memory.CPU_METHOD
+
+    monkeypatch.setattr(memory, "peak_memory_bytes", one_mib)  # every cell's call peaks at 1 MiB
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 8 * 2**20)
+    # tokens 64, 100, 256, 576: 32 -> 40 predicts 1 MiB x (100/64)^2 = 2.4 MiB, 40 -> 64 predicts 6.6 MiB
+    s = suite(["toy.proj"], resolution=(32, 40, 64, 96), budget={"memory_fraction": 0.6})
+    rows = run_suite(s, out=tmp_path / "r", progress=False).rows
+    assert [r["status"] for r in rows] == ["ok", "ok", "over_budget", "over_budget"], [r["message"] for r in rows]
+    assert rows[2]["message"] == ("predicted peak memory 0.0064 GiB (resolution 40 scaled by tokens^2) exceeds the "
+                                  "memory budget 0.00469 GiB")
+    assert "latency_n" not in rows[2]
+    assert rows[3]["message"] == "skipped: resolution 64 was over_budget"
+    # a larger fraction of the same memory lets the 6.6 MiB cell run
+    s = suite(["toy.proj"], resolution=(32, 40, 64), budget={"memory_fraction": 0.9})
+    assert [r["status"] for r in run_suite(s, out=tmp_path / "r2", progress=False).rows] == ["ok"] * 3
 
 
 def test_unsupported_shape_is_a_row(tmp_path):
@@ -170,10 +246,66 @@ def test_inputs_are_not_zero(tmp_path, monkeypatch):
     assert seen and all(v > 0.5 for v in seen)
 
 
+def test_seed_fixes_the_input_and_the_weights(tmp_path, monkeypatch):
+    from attnbench import cell
+
+    seen = []
+    real = cell.make_call
+
+    def spy(module, x, mode):
+        seen.append((x.detach().clone(), {k: v.detach().clone() for k, v in module.state_dict().items()}))
+        return real(module, x, mode)
+
+    monkeypatch.setattr(cell, "make_call", spy)
+    for i, seed in enumerate((7, 7, 8)):
+        run_suite(suite(["toy.proj"], resolution=(32,), seed=seed, measure_peaks=False), out=tmp_path / f"r{i}",
+                  progress=False)
+    (x1, w1), (x2, w2), (x3, w3) = seen
+    assert set(w1) == {"proj.weight", "proj.bias"}
+    assert torch.equal(x1, x2) and all(torch.equal(w1[k], w2[k]) for k in w1)  # same seed: same cell
+    assert not torch.equal(x1, x3) and not any(torch.equal(w1[k], w3[k]) for k in w1)  # another seed: another
+
+
+def test_threads_are_applied_and_recorded(tmp_path, keep_torch_globals):
+    want = 1 if torch.get_num_threads() != 1 else 2
+    res = run_suite(suite(["toy.proj"], resolution=(32, 48), threads=want, measure_peaks=False), out=tmp_path / "r",
+                    progress=False)
+    assert [r["cpu_threads"] for r in res.rows] == [want, want]
+    assert json.loads((res.run_dir / "env.json").read_text())["torch"]["num_threads"] == want
+
+
+def test_tf32_is_applied_through_apply_globals_and_none_on_cpu(tmp_path, monkeypatch, keep_torch_globals):
+    from attnbench import device as device_mod
+    from attnbench import runner
+
+    applied = []
+    real = runner.apply_globals
+
+    def spy(threads, tf32, dev):
+        applied.append((tf32, dev.type))
+        return real(threads, tf32, dev)
+
+    monkeypatch.setattr(runner, "apply_globals", spy)
+    for i, tf32 in enumerate((True, False)):
+        row = run_suite(suite(["toy.proj"], resolution=(32,), tf32=tf32, measure_peaks=False), out=tmp_path / f"r{i}",
+                        progress=False).rows[0]
+        assert row["status"] == "ok" and row["tf32"] is None  # recorded per row; TF32 means nothing on CPU
+    assert applied == [(True, "cpu"), (False, "cpu")]
+    # on a CUDA device apply_globals sets TF32 (torch's flags exist without a GPU); on CPU it leaves them
+    cuda = torch.device("cuda")
+    for value in (True, False, True):
+        assert device_mod.apply_globals(None, value, cuda)["tf32"] is value
+        assert torch.backends.cuda.matmul.allow_tf32 is value and torch.backends.cudnn.allow_tf32 is value
+    assert device_mod.apply_globals(None, None, cuda)["tf32"] is True  # null: torch's setting left as it is
+    assert device_mod.apply_globals(None, False, torch.device("cpu"))["tf32"] is None
+    assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+
+
 @pytest.mark.gpu
-def test_gpu_run(tmp_path):
-    res = run_suite(suite(["mha.sdpa", "mha.math"], device="cuda"), out=tmp_path / "r", progress=False)
+def test_gpu_run(tmp_path, keep_torch_globals):
+    res = run_suite(suite(["mha.sdpa", "mha.math"], device="cuda", tf32=True), out=tmp_path / "r", progress=False)
     df = attnbench.load_results(res.run_dir)
     assert set(df["status"]) == {"ok"}
+    assert (df["tf32"] == True).all()  # noqa: E712 - applied, and recorded per row
     assert (df["dtype"] == "bfloat16").all() and (df["peak_mem_method"] == "cuda_allocator_peak_delta").all()
     assert not math.isnan(df["peak_mem_bytes"].iloc[0])

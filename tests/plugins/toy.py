@@ -128,3 +128,21 @@ class Flat(torch.nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(1, 2)
+
+
+@attnbench.register("toy.gated", family="toy")
+class ToyGated(_Base):
+    """For killing a run at a known point: on real grids of 12 tokens or more per side, while the file named
+    by $ATTNBENCH_TOY_GATE exists, creates "<that file>.reached" and waits (at most 10 minutes) until the
+    gate file is removed. Without the variable (or the file) it is toy.proj."""
+
+    def forward(self, x):
+        import os
+
+        gate = os.environ.get("ATTNBENCH_TOY_GATE")
+        if gate and x.shape[1] >= 12 and x.device.type != "meta" and os.path.exists(gate):
+            open(gate + ".reached", "w").close()
+            deadline = time.monotonic() + 600
+            while os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return self.proj(x)
