@@ -33,8 +33,11 @@ import torch
 from . import budget, registry
 from .device import TORCH_DTYPES, apply_globals, empty_cache, is_backend_refusal, is_oom, sdpa_context
 from .job import CellSettings, Job
+from .build import (CompileFallback, OutputContractError, Unsupported, check_compiled, check_output,  # noqa: F401
+                    check_supports, compile_module, count, find_max_batch, module_builder, random_input)
 from .context import CellContext, device_speed_columns, drift_columns, telemetry_columns
 from .measure import cpuload, memory, predict, timing
+from .measure import telemetry as telemetry_mod
 from .measure.call import make_call
 from .measure import flops as flops_mod
 from .measurement import Latency
@@ -49,14 +52,6 @@ class OverBudget(Exception):
     """The cell was predicted or found to exceed its time or memory budget."""
 
 
-class Unsupported(Exception):
-    """The implementation cannot take the cell (its ``supports`` gave this reason)."""
-
-
-class OutputContractError(Exception):
-    """The module's output is not (B, H', W', C): the cell is an ``error``, with the shapes."""
-
-
 # ------------------------------------------------------------------------------ building and counting
 
 
@@ -69,63 +64,6 @@ def base_row(case: Case) -> dict[str, Any]:
         "device": case.device, "params": dict(case.params), "status": Status.OK.value, "message": "",
         "cell_id": case.cell_id, "cpu_threads": torch.get_num_threads(), "schema_version": SCHEMA_VERSION,
     }
-
-
-def module_builder(case: Case) -> Callable[[], torch.nn.Module]:
-    """Builds the cell's module; in forward mode a module with ``reparameterize()`` is measured merged."""
-    spec = registry.get_spec(case.impl)
-    params = dict(case.params)
-    merge = case.mode == "forward" and spec.has("reparameterize")
-
-    def build() -> torch.nn.Module:
-        module = spec.build(dim=case.dim, heads=case.heads, **params)
-        return (module.reparameterize() or module) if merge else module
-
-    return build
-
-
-def check_supports(case: Case, build: Callable[[], torch.nn.Module]) -> None:
-    """Raise :class:`Unsupported` with the implementation's reason when it cannot take the cell's grid."""
-    if registry.get_spec(case.impl).has("supports"):
-        reason = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype]).supports(case.grid_h, case.grid_w)
-        if reason:
-            raise Unsupported(reason)
-
-
-def check_output(case: Case, build: Callable[[], torch.nn.Module]) -> None:
-    """Raise :class:`OutputContractError` when one forward call on the meta device (no memory, no
-    arithmetic) returns anything but (batch, H', W', dim), H' x W' being ``output_size(H, W)`` where the
-    class defines it, else the input's grid. A module that cannot run on meta is checked by nothing here."""
-    spec = registry.get_spec(case.impl)
-    meta = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype]).eval()
-    try:
-        with torch.no_grad():
-            y = meta(torch.empty(case.batch, case.grid_h, case.grid_w, case.dim, device="meta",
-                                 dtype=TORCH_DTYPES[case.dtype]))
-    except Exception:  # noqa: BLE001 - the real call will raise whatever this is
-        return
-    grid = tuple(meta.output_size(case.grid_h, case.grid_w)) if spec.has("output_size") else (case.grid_h,
-                                                                                                case.grid_w)
-    expected = (case.batch, *grid, case.dim)
-    got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-    if got != expected:
-        raise OutputContractError(f"{case.impl} returned {got} for an input of "
-                                  f"{(case.batch, case.grid_h, case.grid_w, case.dim)}; the contract is "
-                                  f"(B, H', W', C) = {expected}")
-
-
-def count(case: Case, build: Callable[[], torch.nn.Module]) -> dict[str, Any]:
-    """Parameter count and the three FLOP counts, on the meta device."""
-    spec = registry.get_spec(case.impl)
-    dtype = TORCH_DTYPES[case.dtype]
-    meta = flops_mod.build_meta(build, dtype)
-    out: dict[str, Any] = {"params_count": sum(p.numel() for p in meta.parameters()),
-                           "reparameterized": case.mode == "forward" and spec.has("reparameterize")}
-    if spec.has("flops_analytic"):
-        out["flops_analytic"] = int(meta.flops_analytic(case.batch, case.grid_h, case.grid_w))
-    out.update(flops_mod.count_flops(build, (case.batch, case.grid_h, case.grid_w, case.dim), dtype,
-                                     train=case.mode == "train"))
-    return out
 
 
 def predict_memory(case: Case, build: Callable[[], torch.nn.Module], settings: CellSettings) -> dict[str, Any]:
@@ -165,44 +103,6 @@ def check_prediction(case: Case, row: dict[str, Any], prior: budget.Prior, setti
         raise OverBudget(problem)
 
 
-def random_input(case: Case, batch: int, seed: int) -> torch.Tensor:
-    """The cell's input, (batch, grid_h, grid_w, dim), standard normal from ``seed`` (never zeros)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    x = torch.randn(batch, case.grid_h, case.grid_w, case.dim, generator=gen)
-    return x.to(device=case.device, dtype=TORCH_DTYPES[case.dtype])
-
-
-def find_max_batch(case: Case, module: torch.nn.Module, settings: CellSettings) -> tuple[int, list[dict[str, Any]]]:
-    """Largest batch <= ``case.batch`` whose call fits, halving on out-of-memory (CPU: the memory
-    budget, estimated from one image, since an oversized CPU call swaps instead of failing).
-    Returns the batch and the tries."""
-    device = torch.device(case.device)
-    limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
-    batch, tries = case.batch, []
-    if device.type == "cpu":
-        x = random_input(case, 1, settings.seed)
-        per_image, _ = memory.peak_memory_bytes(make_call(module, x, case.mode), device)
-        del x
-        while batch > 1 and per_image == per_image and per_image * batch > limit:
-            tries.append({"batch": batch, "fits": False, "why": "estimated memory over budget"})
-            batch //= 2
-    while True:
-        try:
-            x = random_input(case, batch, settings.seed)
-            make_call(module, x, case.mode)()
-            del x
-            tries.append({"batch": batch, "fits": True})
-            return batch, tries
-        except Exception as exc:
-            if not is_oom(exc) or batch == 1:
-                raise
-            tries.append({"batch": batch, "fits": False, "why": "out of memory"})
-            x = None
-            gc.collect()
-            empty_cache(device)
-            batch //= 2
-
-
 # ------------------------------------------------------------------------------------------ timing
 
 
@@ -222,6 +122,7 @@ def measure_latency(call: Callable[[], None], case: Case, settings: CellSettings
     first_s = _wall(call, device)
     if settings.compile:
         row["compile_s"] = first_s
+        check_compiled()
         first_s = _wall(call, device)
     t_start = time.perf_counter() - first_s
     if first_s * 2 > budget_s:
@@ -249,7 +150,9 @@ def measure_latency(call: Callable[[], None], case: Case, settings: CellSettings
         raise OverBudget(f"{tm.min_repeats} calls of {est_s * 1e3:.3g} ms exceed the {remaining_s:.3g} s "
                          f"left of the cell budget of {budget_s:g} s")
     load = cpuload.read() if device.type == "cpu" else None
-    samples = timing.time_calls(timed, device, n, flush=ctx.flush)
+    with telemetry_mod.sampling(ctx.telemetry, interval_s=0.01) as gpu_load:  # GPU state under load
+        samples = timing.time_calls(timed, device, n, flush=ctx.flush)
+    ctx.load_summary = gpu_load.summary
     if load is not None:  # how much of the machine other processes took while the calls were timed
         row["cpu_others_cores"] = cpuload.others_cores(load, cpuload.read())
     return Latency(tuple(samples), method, ctx.flush is not None)
@@ -265,11 +168,14 @@ def derived(case: Case, row: dict[str, Any], ctx: CellContext) -> dict[str, Any]
     sec = row["latency_ms_median"] / 1e3
     out: dict[str, Any] = {"throughput_img_s": case.batch / sec if sec > 0 else math.nan,
                            "throughput_tok_s": case.batch * case.tokens / sec if sec > 0 else math.nan}
-    flops = row.get("flops_torch_fwd_bwd") if case.mode == "train" else row.get("flops_torch")
-    if flops is None or flops != flops:
-        flops = row.get("flops_analytic")
+    source = "flops_torch_fwd_bwd" if case.mode == "train" else "flops_torch"
+    flops = row.get(source)
+    if (flops is None or flops != flops) and case.mode == "forward":
+        source, flops = "flops_analytic", row.get("flops_analytic")
+    if flops is None or flops != flops:  # train mode without torch's count: no forward-only stand-in
+        source, flops = "", None
     achieved = flops / sec / 1e12 if flops and sec > 0 else math.nan
-    out["tflops_achieved"] = achieved
+    out["tflops_achieved"], out["tflops_count"] = achieved, source
     peak = ctx.peak_tflops(case.dtype)
     if peak is not None and achieved > peak:
         peak = ctx.refresh_peak(case.dtype)
@@ -308,9 +214,12 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
     device = torch.device(case.device)
     ctx = ctx or CellContext.create(settings, device, job.peaks, job.sentinel_start)
     row = base_row(case)
+    cuda = device.type == "cuda"
     row.update(sdpa_backend=settings.sdpa_backend, compiled=settings.compile,
-               tf32=torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None)
+               tf32=torch.backends.cuda.matmul.allow_tf32 if cuda else None,
+               tf32_cudnn=torch.backends.cudnn.allow_tf32 if cuda else None)
     before = ctx.snapshot()
+    ctx.load_summary = None
     module = x = call = t_measure = None
     readings: list[float] = []  # the sentinel's TFLOP/s before and after the timed calls
     try:
@@ -319,8 +228,11 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
         check_output(case, build)
         torch.manual_seed(settings.seed)
         module = build().to(device=device, dtype=TORCH_DTYPES[case.dtype])
-        if settings.find_max_batch:
-            batch, tries = find_max_batch(case, module, settings)
+        if settings.compile:
+            module = compile_module(module)
+        if settings.find_max_batch:  # in the context the cell is measured in: the pinned backend, compiled
+            with sdpa_context(settings.sdpa_backend):
+                batch, tries = find_max_batch(case, module, settings)
             row.update(batch=batch, batch_requested=case.batch, batch_search=tries)
             case = dataclasses.replace(case, batch=batch)
         row.update(count(case, build))
@@ -331,9 +243,7 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
                 check_prediction(case, row, job.prior, settings)
         x = random_input(case, case.batch, settings.seed)
         if row.get("macs_fvcore") != row.get("macs_fvcore"):  # NaN: fvcore could not trace on meta
-            row.update(flops_mod.count_fvcore(module.eval(), x))
-        if settings.compile:
-            module = torch.compile(module)
+            row.update(flops_mod.count_fvcore(getattr(module, "_orig_mod", module).eval(), x))
         call = make_call(module, x, case.mode)
 
         def clear_grads() -> None:
@@ -359,7 +269,7 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
         module = x = call = None  # the cell's tensors, freed before the next cell
         gc.collect()
         empty_cache(device)
-        row.update(telemetry_columns(before, ctx.snapshot()))
+        row.update(telemetry_columns(before, ctx.snapshot(), under_load=ctx.load_summary))
         if readings:
             row.update(device_speed_columns(readings, ctx.sentinel_best))
         row.update(drift_columns(row))

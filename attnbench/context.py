@@ -31,6 +31,7 @@ class CellContext:
     peaks: Any = None
     sentinel_start: float | None = None  # the sentinel's reference TFLOP/s when the context was made (None: off)
     sentinel_best: float | None = None  # the fastest sentinel reading so far: the reference of device_speed
+    load_summary: dict[str, Any] | None = None  # GPU state sampled during the current cell's timed calls
 
     def __post_init__(self) -> None:
         if self.sentinel_best is None:
@@ -54,7 +55,13 @@ class CellContext:
                    sentinel_start=sentinel_start)
 
     def snapshot(self) -> dict[str, Any]:
-        return self.telemetry.snapshot() if self.telemetry else {"available": False}
+        """The GPU's state now (see :meth:`attnbench.measure.telemetry.Telemetry.snapshot`); never raises."""
+        if not self.telemetry:
+            return {"available": False}
+        try:
+            return self.telemetry.snapshot()
+        except Exception as exc:
+            return {"available": False, "reason": f"NVML snapshot failed: {type(exc).__name__}: {exc}"}
 
     def sentinel(self) -> float | None:
         """The sentinel's TFLOP/s now (None when off); a faster reading than any before becomes the reference."""
@@ -115,9 +122,26 @@ def drift_columns(row: dict[str, Any]) -> dict[str, Any]:
     return {"drift": bool(reasons), "drift_reason": "; ".join(reasons)}
 
 
-def telemetry_columns(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """GPU state around the cell (``gpu_before_*``, ``gpu_after_*``) and the throttle reasons."""
+def telemetry_columns(before: dict[str, Any], after: dict[str, Any],
+                      under_load: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GPU state around the cell (``gpu_before_*``, ``gpu_after_*``), during its timed calls
+    (``gpu_load_*``, from a :class:`attnbench.measure.telemetry.LoadSampler` summary; None when there
+    was no sampler or it read nothing: ``gpu_load_samples`` 0), ``throttled`` and ``power_capped``.
+
+    ``throttled``: the thermal and hardware slowdown reasons seen before, during or after the timed
+    calls (``sw_thermal_slowdown``, ``hw_thermal_slowdown``, ``hw_slowdown``, ``hw_power_brake_slowdown``,
+    and ``thermal_violation`` where NVML's thermal violation counter advanced during them), comma-joined;
+    empty when none. ``power_capped``: the GPU held its clocks at its power limit (``sw_power_cap`` or the
+    power violation counter) -- normal at full load on an H100, so it does not make a cell throttled.
+
+    Where NVML could not read this cell's GPU: ``telemetry`` "absent", and ``telemetry_reason`` says why
+    when a GPU was in use (a CPU cell has nothing to read and no reason).
+    """
     if not before.get("available"):
-        return {"telemetry": "absent"}
+        reason = before.get("reason")
+        return {"telemetry": "absent", **({"telemetry_reason": reason} if reason and reason != telemetry_mod.NO_DEVICE
+                                           else {})}
     return {"telemetry": "nvml", **telemetry_mod.flatten("gpu_before", before),
-            **telemetry_mod.flatten("gpu_after", after), "throttled": ",".join(telemetry_mod.throttled(before, after))}
+            **telemetry_mod.flatten("gpu_after", after), **telemetry_mod.flatten_load(under_load),
+            "throttled": ",".join(telemetry_mod.slowdowns(before, under_load, after)),
+            "power_capped": telemetry_mod.power_capped(before, under_load, after)}

@@ -70,16 +70,21 @@ def dtype_problem(name: str, device: torch.device) -> str | None:
 
 
 def apply_globals(threads: int | None, tf32: bool | None, device: torch.device) -> dict[str, Any]:
-    """Set torch's process-wide state for a run: CPU threads (fixed for the run) and, on CUDA, TF32.
+    """Set torch's process-wide state for a run: CPU threads (fixed for the run) and, on CUDA, the
+    current device (``cuda:N``) and TF32 for both matmuls and cuDNN convolutions.
 
     Returns what is in effect afterwards, as recorded in the rows.
     """
     torch.set_num_threads(threads or torch.get_num_threads())
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)  # events, streams, graphs and caches of the run go to this GPU
     if tf32 is not None and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
+    cuda = device.type == "cuda"
     return {"cpu_threads": torch.get_num_threads(),
-            "tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None}
+            "tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32 if cuda else None}
 
 
 def saved_globals() -> tuple[int, bool, bool]:

@@ -328,7 +328,7 @@ def scripted_calls(monkeypatch):
     """Every cell measured in this process runs on a :class:`ScriptedClock` (returned; set its ``cost``):
     the cell's measured call (``attnbench.cell.make_call``) really runs, then "takes" ``cost(module, x)``
     seconds. The sentinel and the device peaks read constants (timed on this clock they would divide by zero)."""
-    from attnbench import cell
+    from attnbench import build, cell
     from attnbench.measure import peaks, timing
 
     clock = ScriptedClock()
@@ -351,6 +351,7 @@ def scripted_calls(monkeypatch):
         return scripted
 
     monkeypatch.setattr(cell, "make_call", make_call)
+    monkeypatch.setattr(build, "make_call", make_call)  # the largest-batch search's calls
     return clock
 
 

@@ -353,10 +353,14 @@ def test_compile_time_recorded_apart_and_outside_the_budget(tmp_path, monkeypatc
     nor the budget: a cell budget of 2 s still measures the 10 ms calls after it."""
     import itertools
 
+    import torch._dynamo
+
     compiled = []
 
     def fake_compile(module, *args, **kwargs):
         compiled.append(type(module).__name__)
+        assert kwargs.get("dynamic") is False  # each cell its own static program
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] += 1  # as a real compilation would
         return module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
@@ -505,3 +509,23 @@ def test_a_cell_still_above_the_peak_is_flagged(tmp_path, monkeypatch, capsys):
     assert row["over_peak"] == True and row["peak_fraction"] > 1  # noqa: E712
     captured = capsys.readouterr()
     assert "above the device's matmul peak" in captured.out and "over_peak" in captured.err
+
+
+def test_each_compiled_cell_gets_a_fresh_cache_and_eager_fallback_is_an_error(tmp_path, monkeypatch, scripted_calls):
+    import torch._dynamo
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    graphs = iter([1, 0])  # the second cell's compilation produces no graph: dynamo ran it eagerly
+
+    def fake_compile(module, *args, **kwargs):
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] += next(graphs)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    scripted_calls.cost = lambda module, x: 0.01
+    rows = run_suite(suite(["toy.proj"], resolution=(32, 48), compile=True, timing={**FAST_TIMING, "sentinel": False}),
+                     out=tmp_path / "r", progress=False).rows
+    assert len(resets) == 2  # one fresh dynamo cache per cell
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "error" and "ran eagerly" in rows[1]["message"]

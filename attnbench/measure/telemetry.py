@@ -1,11 +1,26 @@
-"""GPU state around each cell, from nvidia-ml-py: clocks, power, temperature, clock-event reasons.
+"""GPU state around and during each cell, from nvidia-ml-py: clocks, power, temperature, clock-event reasons.
 
 A snapshot is a flat dict. Where NVML is absent (a CPU machine, no driver, no pynvml) the snapshot
 is ``{"available": False, "reason": ...}`` and nothing raises.
+
+A snapshot before the module is built and one after teardown both see a GPU at rest; what the GPU did
+while the timed calls ran is read by :class:`LoadSampler` (``with sampling(telemetry) as s: ...``): a
+background thread that reads the clocks, power, temperature and clock-event reasons every interval,
+plus NVML's cumulative power and thermal violation counters read at both ends of the window.
+
+What counts as *throttled* (:func:`slowdowns`, the ``throttled`` column): the thermal and hardware
+slowdowns (:data:`SLOWDOWN_REASONS`), which mean the GPU ran slower than it would on a healthy, cool
+machine. ``sw_power_cap`` is not one: at full load an H100 sits at its power limit and lowers its
+clocks to stay there, which is how the part is meant to run and what every heavy cell will see. It is
+kept visible apart (:func:`power_capped`, the ``power_capped`` column).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import threading
+import time
 from typing import Any
 
 # NVML clock-event ("throttle") reason bits, as documented for nvmlDeviceGetCurrentClocksEventReasons.
@@ -23,6 +38,13 @@ CLOCK_EVENT_BITS = {
 # Reasons that mean the clocks were held down while working (idle and user clock settings are not).
 THROTTLE_REASONS = {"sw_power_cap", "hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown",
                     "hw_power_brake_slowdown"}
+# Of those, the ones that flag a cell as throttled: thermal and hardware slowdowns. sw_power_cap, the
+# normal state of a GPU at full load, is reported apart (power_capped).
+SLOWDOWN_REASONS = {"hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown"}
+POWER_CAP_REASON = "sw_power_cap"
+# A thermal violation counted by NVML during the window that no sample caught as a reason bit.
+THERMAL_VIOLATION = "thermal_violation"
+NO_DEVICE = "no CUDA device in use"
 
 
 def decode_reasons(mask: int | None) -> list[str]:
@@ -34,17 +56,57 @@ def decode_reasons(mask: int | None) -> list[str]:
     return names + ([f"other_0x{rest:x}"] if rest else [])
 
 
+def _looks_like_mig(index: int | None, uuid: str | None) -> bool:
+    """Whether torch's device ``index`` is a MIG instance: its uuid says so, ``CUDA_VISIBLE_DEVICES``
+    names MIG instances, or torch's device name says MIG (e.g. "NVIDIA A100-SXM4-40GB MIG 3g.20gb")."""
+    if uuid and str(uuid).startswith("MIG-"):
+        return True
+    if "MIG-" in os.environ.get("CUDA_VISIBLE_DEVICES", ""):
+        return True
+    try:
+        import torch
+
+        if index is not None and torch.cuda.is_available():
+            return "MIG" in torch.cuda.get_device_properties(index).name
+    except Exception:
+        pass
+    return False
+
+
+def uuid_candidates(uuid: str, mig: bool) -> list[tuple[str, str]]:
+    """(NVML UUID to try, how it matched) for torch's ``uuid``: as it is when it carries a prefix,
+    otherwise ``MIG-`` first for a MIG instance and ``GPU-`` first for a whole GPU, then the other."""
+    uuid = str(uuid)
+    if uuid.startswith("GPU-"):
+        return [(uuid, "uuid")]
+    if uuid.startswith("MIG-"):
+        return [(uuid, "mig_uuid")]
+    whole, part = (f"GPU-{uuid}", "uuid"), (f"MIG-{uuid}", "mig_uuid")
+    return [part, whole] if mig else [whole, part]
+
+
 class Telemetry:
     """Reads one GPU's state through NVML; ``snapshot()`` never raises.
 
     ``uuid`` (torch's ``get_device_properties(i).uuid``) finds the GPU that torch uses even when
-    ``CUDA_VISIBLE_DEVICES`` renumbers devices (NVML's indices are the driver's, not torch's); without
-    it, or if NVML does not know it, ``index`` is used.
+    ``CUDA_VISIBLE_DEVICES`` renumbers devices (NVML's indices are the driver's, not torch's). Torch may
+    give it without its prefix; ``GPU-`` and ``MIG-`` are both tried (``MIG-`` first where the device
+    looks like a MIG instance, or where ``mig`` says so).
+
+    Without a uuid match, ``index`` is used, but only for a whole GPU: the driver's device ``index`` is
+    right only when nothing renumbers or partitions it. A MIG instance (or an index whose GPU is in MIG
+    mode) that no uuid matches leaves telemetry unavailable with the reason, never another GPU's readings.
+
+    A matched MIG instance is read through its parent GPU (``nvmlDeviceGetDeviceHandleFromMigDeviceHandle``)
+    where NVML offers it: clocks, power, temperature and clock-event reasons belong to the whole GPU, and
+    are shared with the other instances on it.
     """
 
-    def __init__(self, index: int | None, uuid: str | None = None):
+    def __init__(self, index: int | None, uuid: str | None = None, mig: bool | None = None):
         self.handle = None
-        self.reason = "no CUDA device in use" if index is None else ""
+        self.read_handle = None  # the handle queries go to: the parent GPU of a MIG instance, else handle
+        self.mig = False
+        self.reason = NO_DEVICE if index is None else ""
         self.matched_by = None
         if index is None:
             return
@@ -56,17 +118,49 @@ class Telemetry:
         except Exception as exc:
             self.reason = f"NVML unavailable: {type(exc).__name__}: {exc}"
             return
+        if mig is None:
+            mig = _looks_like_mig(index, uuid)
         if uuid:
-            try:
-                name = uuid if str(uuid).startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-                self.handle, self.matched_by = pynvml.nvmlDeviceGetHandleByUUID(name), "uuid"
-            except Exception:
-                self.handle = None
+            for name, how in uuid_candidates(uuid, mig):
+                try:
+                    self.handle, self.matched_by = pynvml.nvmlDeviceGetHandleByUUID(name), how
+                    break
+                except Exception:
+                    self.handle = None
+            if self.handle is None and (mig or str(uuid).startswith("MIG-")):
+                self.reason = (f"NVML knows no MIG instance with uuid {uuid}; not reading a whole GPU by index "
+                               f"{index} instead (it may be another instance's parent)")
+                return
         if self.handle is None:
             try:
-                self.handle, self.matched_by = pynvml.nvmlDeviceGetHandleByIndex(index), "index"
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             except Exception as exc:
                 self.reason = f"NVML has no device {index}: {type(exc).__name__}: {exc}"
+                return
+            if self._mig_mode(handle):
+                self.reason = (f"NVML device {index} is in MIG mode and torch's device was not matched by uuid "
+                               f"({uuid or 'none given'}): its readings would not be this instance's")
+                return
+            self.handle, self.matched_by = handle, "index"
+        self.mig = self.matched_by == "mig_uuid"
+        self.read_handle = self.handle
+        if self.mig:
+            parent = getattr(pynvml, "nvmlDeviceGetDeviceHandleFromMigDeviceHandle", None)
+            try:
+                self.read_handle = parent(self.handle) if parent is not None else self.handle
+            except Exception:
+                self.read_handle = self.handle
+
+    def _mig_mode(self, handle: Any) -> bool:
+        """Whether the GPU behind ``handle`` runs MIG now (False where NVML cannot say)."""
+        fn = getattr(self.nvml, "nvmlDeviceGetMigMode", None)
+        if fn is None:
+            return False
+        try:
+            current = fn(handle)[0]
+        except Exception:
+            return False
+        return current == getattr(self.nvml, "NVML_DEVICE_MIG_ENABLE", 1)
 
     @property
     def available(self) -> bool:
@@ -78,7 +172,7 @@ class Telemetry:
         if fn is None:
             return None
         try:
-            return fn(self.handle, *args)
+            return fn(self.read_handle if self.read_handle is not None else self.handle, *args)
         except Exception:
             return None
 
@@ -92,21 +186,216 @@ class Telemetry:
         power = self.query("nvmlDeviceGetPowerUsage")
         return {
             "available": True,
-            "sm_clock_mhz": self.query("nvmlDeviceGetClockInfo", n.NVML_CLOCK_SM),
-            "mem_clock_mhz": self.query("nvmlDeviceGetClockInfo", n.NVML_CLOCK_MEM),
+            "sm_clock_mhz": self.query("nvmlDeviceGetClockInfo", getattr(n, "NVML_CLOCK_SM", 1)),
+            "mem_clock_mhz": self.query("nvmlDeviceGetClockInfo", getattr(n, "NVML_CLOCK_MEM", 2)),
             "power_w": power / 1000 if power is not None else None,
-            "temperature_c": self.query("nvmlDeviceGetTemperature", n.NVML_TEMPERATURE_GPU),
+            "temperature_c": self.query("nvmlDeviceGetTemperature", getattr(n, "NVML_TEMPERATURE_GPU", 0)),
             "clock_event_mask": mask,
             "clock_event_reasons": decode_reasons(mask),
         }
 
+    def violation_ns(self) -> dict[str, tuple[int, int] | None]:
+        """NVML's cumulative violation counters: {"power" | "thermal": (reference time in ns, time the
+        clocks were held below what was asked for, ns)}, None for a counter NVML does not offer."""
+        out: dict[str, tuple[int, int] | None] = {}
+        for key, policy, default in (("power", "NVML_PERF_POLICY_POWER", 0), ("thermal", "NVML_PERF_POLICY_THERMAL", 1)):
+            v = self.query("nvmlDeviceGetViolationStatus", getattr(self.nvml, policy, default))
+            try:  # referenceTime: a timestamp in microseconds; violationTime: nanoseconds
+                out[key] = (int(v.referenceTime) * 1000, int(v.violationTime)) if v is not None else None
+            except Exception:
+                out[key] = None
+        return out
+
+    def sampling(self, interval_s: float = 0.01) -> "LoadSampler":
+        """A :class:`LoadSampler` of this GPU: ``with t.sampling() as s: ...; s.summary``."""
+        return LoadSampler(self, interval_s)
+
+
+def sampling(telemetry: Telemetry | None, interval_s: float = 0.01) -> "LoadSampler":
+    """A :class:`LoadSampler` of ``telemetry``'s GPU; with no telemetry (None, or NVML unavailable) a
+    sampler that reads nothing and whose ``summary`` is None."""
+    return LoadSampler(telemetry, interval_s)
+
+
+class LoadSampler:
+    """GPU state while a block runs: a context manager whose background thread reads SM and memory
+    clocks, power, temperature and the clock-event reason mask every ``interval_s`` (the first reading
+    at once), plus NVML's power and thermal violation counters at both ends of the window.
+
+    ``with sampling(ctx.telemetry, interval_s=0.01) as s: <timed calls>``, then ``s.summary`` (see
+    :meth:`summarize`). NVML calls go through ctypes, which releases the GIL, and one reading is five
+    of them, so the thread costs the timed calls little. Exiting stops and joins the thread (waiting at
+    most ``join_timeout_s`` for a hung NVML call); nothing here raises, and an exception of the block
+    goes on as it would without the sampler.
+    """
+
+    def __init__(self, telemetry: Telemetry | None, interval_s: float = 0.01, join_timeout_s: float = 2.0,
+                 max_samples: int = 100_000):
+        self.telemetry = telemetry if telemetry is not None and telemetry.available else None
+        self.interval_s = max(float(interval_s), 0.001)
+        self.join_timeout_s = join_timeout_s
+        self.max_samples = max_samples
+        self.samples: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._violations: list[dict[str, Any]] = []
+        self._t0 = self._t1 = 0.0
+
+    def read(self) -> dict[str, Any] | None:
+        """One reading of the GPU (None when every NVML call failed)."""
+        try:
+            snap = self.telemetry.snapshot()
+        except Exception:
+            return None
+        keys = ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temperature_c", "clock_event_mask")
+        if not snap.get("available") or all(snap.get(k) is None for k in keys):
+            return None
+        return {"t": time.perf_counter(), **{k: snap.get(k) for k in keys},
+                "clock_event_reasons": snap.get("clock_event_reasons") or []}
+
+    def _run(self) -> None:
+        try:
+            while len(self.samples) < self.max_samples:
+                sample = self.read()
+                if sample is not None:
+                    self.samples.append(sample)
+                if self._stop.wait(self.interval_s):
+                    return
+        except Exception:  # a thread that dies early leaves the samples it took
+            return
+
+    def _violations_now(self) -> dict[str, Any]:
+        try:
+            return self.telemetry.violation_ns()
+        except Exception:
+            return {}
+
+    def __enter__(self) -> "LoadSampler":
+        if self.telemetry is None:
+            return self
+        try:
+            self._violations = [self._violations_now()]
+            self._t0 = time.perf_counter()
+            self._thread = threading.Thread(target=self._run, name="attnbench-gpu-sampler", daemon=True)
+            self._thread.start()
+        except Exception:
+            self._thread = None
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        if self.telemetry is None:
+            return False
+        try:
+            self._t1 = time.perf_counter()
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join(self.join_timeout_s)
+            samples = list(self.samples)
+            if not samples:  # a window shorter than the thread's start: one reading now, at its end
+                sample = self.read()
+                samples = [sample] if sample is not None else []
+            self._violations.append(self._violations_now())
+            self.summary = self.summarize(samples, self._violations[0], self._violations[-1], self._t1 - self._t0)
+        except Exception:
+            self.summary = None
+        return False
+
+    @staticmethod
+    def summarize(samples: list[dict[str, Any]], v_before: dict[str, Any], v_after: dict[str, Any],
+                  window_s: float) -> dict[str, Any] | None:
+        """The window's summary; None where there is no reading at all.
+
+        ``samples``: readings taken; ``idle_samples``: those with the ``gpu_idle`` reason (the GPU had
+        nothing to run, e.g. between calls). Clocks and power are summarised over the busy readings
+        (all of them where every one was idle), so an idle gap does not pass for a slowdown.
+        ``clock_event_reasons``: every reason seen in any reading (idle ones included).
+        ``throttle_power_fraction`` / ``throttle_thermal_fraction``: the share of the window NVML counted
+        the clocks held down by power / by temperature (violation counters; None where NVML has none).
+        """
+        if not samples:
+            return None
+        busy = [s for s in samples if "gpu_idle" not in s["clock_event_reasons"]] or samples
+
+        def values(key: str, among: list[dict[str, Any]]) -> list[float]:
+            return [s[key] for s in among if isinstance(s.get(key), (int, float))]
+
+        def stat(fn: Any, key: str) -> float | None:
+            v = values(key, busy)
+            return fn(v) if v else None
+
+        reasons: set[str] = set()
+        for s in samples:
+            reasons |= set(s["clock_event_reasons"])
+
+        def fraction(key: str) -> float | None:
+            a, b = (v_before or {}).get(key), (v_after or {}).get(key)
+            if not a or not b:
+                return None
+            window_ns = b[0] - a[0] if b[0] > a[0] else window_s * 1e9
+            if window_ns <= 0:
+                return None
+            return min(max((b[1] - a[1]) / window_ns, 0.0), 1.0)
+
+        return {
+            "samples": len(samples),
+            "idle_samples": len(samples) - len([s for s in samples if "gpu_idle" not in s["clock_event_reasons"]]),
+            "window_s": window_s,
+            "sm_clock_mhz_median": stat(statistics.median, "sm_clock_mhz"),
+            "sm_clock_mhz_min": stat(min, "sm_clock_mhz"),
+            "mem_clock_mhz_median": stat(statistics.median, "mem_clock_mhz"),
+            "power_w_median": stat(statistics.median, "power_w"),
+            "power_w_max": stat(max, "power_w"),
+            "temperature_c_max": max(values("temperature_c", samples), default=None),
+            "clock_event_reasons": sorted(reasons),
+            "throttle_power_fraction": fraction("power"),
+            "throttle_thermal_fraction": fraction("thermal"),
+        }
+
+
+def _reasons(readings: tuple[dict[str, Any] | None, ...]) -> set[str]:
+    found: set[str] = set()
+    for s in readings:
+        found |= set((s or {}).get("clock_event_reasons") or [])
+    return found
+
 
 def throttled(*snapshots: dict[str, Any]) -> list[str]:
-    """The throttle reasons (power, thermal, hardware slowdown) present in any of the snapshots."""
-    found: set[str] = set()
-    for s in snapshots:
-        found |= THROTTLE_REASONS & set(s.get("clock_event_reasons") or [])
+    """Every reason the clocks were held down (power cap, thermal, hardware slowdown) present in any of
+    the snapshots. The ``throttled`` column is :func:`slowdowns`, which leaves the power cap out."""
+    return sorted(THROTTLE_REASONS & _reasons(snapshots))
+
+
+def slowdowns(*readings: dict[str, Any] | None) -> list[str]:
+    """What flags a cell as throttled: the thermal and hardware slowdown reasons in any of the readings
+    (snapshots or a :class:`LoadSampler` summary), plus ``thermal_violation`` where a summary's thermal
+    violation counter advanced during the window. ``sw_power_cap`` alone is not a slowdown."""
+    found = SLOWDOWN_REASONS & _reasons(readings)
+    if any((r or {}).get("throttle_thermal_fraction") for r in readings):
+        found.add(THERMAL_VIOLATION)
     return sorted(found)
+
+
+def power_capped(*readings: dict[str, Any] | None) -> bool:
+    """Whether the GPU held its clocks down to stay at its power limit: ``sw_power_cap`` in any of the
+    readings, or a summary's power violation counter advanced. Normal at full load on an H100."""
+    return POWER_CAP_REASON in _reasons(readings) or any((r or {}).get("throttle_power_fraction")
+                                                          for r in readings)
+
+
+LOAD_KEYS = ("samples", "idle_samples", "sm_clock_mhz_median", "sm_clock_mhz_min", "mem_clock_mhz_median",
+             "power_w_median", "power_w_max", "temperature_c_max", "throttle_power_fraction",
+             "throttle_thermal_fraction")
+
+
+def flatten_load(summary: dict[str, Any] | None, prefix: str = "gpu_load") -> dict[str, Any]:
+    """A :class:`LoadSampler` summary as row columns (``gpu_load_*``); no summary: 0 samples, None elsewhere."""
+    summary = summary or {}
+    out = {f"{prefix}_{k}": summary.get(k) for k in LOAD_KEYS}
+    out[f"{prefix}_samples"] = int(summary.get("samples") or 0)
+    out[f"{prefix}_idle_samples"] = int(summary.get("idle_samples") or 0)
+    out[f"{prefix}_clock_event_reasons"] = ",".join(summary.get("clock_event_reasons") or [])
+    return out
 
 
 def flatten(prefix: str, snapshot: dict[str, Any]) -> dict[str, Any]:

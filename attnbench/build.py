@@ -1,0 +1,159 @@
+"""What a cell measures: its module (built from the registry, merged where it re-parameterizes,
+compiled where asked) and its input, checked on the meta device before anything runs (the
+implementation's ``supports``, the output contract), and counted (parameters, three FLOP counts).
+:mod:`attnbench.cell` measures what these build.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any, Callable
+
+import torch
+
+from . import registry
+from .device import TORCH_DTYPES, empty_cache, is_oom
+from .job import CellSettings
+from .measure import flops as flops_mod
+from .measure import memory
+from .measure.call import make_call
+from .suite import Case
+
+
+class Unsupported(Exception):
+    """The implementation cannot take the cell (its ``supports`` gave this reason)."""
+
+
+
+class OutputContractError(Exception):
+    """The module's output is not (B, H', W', C): the cell is an ``error``, with the shapes."""
+
+
+
+def module_builder(case: Case) -> Callable[[], torch.nn.Module]:
+    """Builds the cell's module; in forward mode a module with ``reparameterize()`` is measured merged."""
+    spec = registry.get_spec(case.impl)
+    params = dict(case.params)
+    merge = case.mode == "forward" and spec.has("reparameterize")
+
+    def build() -> torch.nn.Module:
+        module = spec.build(dim=case.dim, heads=case.heads, **params)
+        return (module.reparameterize() or module) if merge else module
+
+    return build
+
+
+
+def check_supports(case: Case, build: Callable[[], torch.nn.Module]) -> None:
+    """Raise :class:`Unsupported` with the implementation's reason when it cannot take the cell's grid."""
+    if registry.get_spec(case.impl).has("supports"):
+        reason = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype]).supports(case.grid_h, case.grid_w)
+        if reason:
+            raise Unsupported(reason)
+
+
+
+def check_output(case: Case, build: Callable[[], torch.nn.Module]) -> None:
+    """Raise :class:`OutputContractError` when one forward call on the meta device (no memory, no
+    arithmetic) returns anything but (batch, H', W', dim), H' x W' being ``output_size(H, W)`` where the
+    class defines it, else the input's grid. A module that cannot run on meta is checked by nothing here."""
+    spec = registry.get_spec(case.impl)
+    meta = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype]).eval()
+    try:
+        with torch.no_grad():
+            y = meta(torch.empty(case.batch, case.grid_h, case.grid_w, case.dim, device="meta",
+                                 dtype=TORCH_DTYPES[case.dtype]))
+    except Exception:  # noqa: BLE001 - the real call will raise whatever this is
+        return
+    grid = tuple(meta.output_size(case.grid_h, case.grid_w)) if spec.has("output_size") else (case.grid_h,
+                                                                                                case.grid_w)
+    expected = (case.batch, *grid, case.dim)
+    got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+    if got != expected:
+        raise OutputContractError(f"{case.impl} returned {got} for an input of "
+                                  f"{(case.batch, case.grid_h, case.grid_w, case.dim)}; the contract is "
+                                  f"(B, H', W', C) = {expected}")
+
+
+
+def count(case: Case, build: Callable[[], torch.nn.Module]) -> dict[str, Any]:
+    """Parameter count and the three FLOP counts, on the meta device."""
+    spec = registry.get_spec(case.impl)
+    dtype = TORCH_DTYPES[case.dtype]
+    meta = flops_mod.build_meta(build, dtype)
+    out: dict[str, Any] = {"params_count": sum(p.numel() for p in meta.parameters()),
+                           "reparameterized": case.mode == "forward" and spec.has("reparameterize")}
+    if spec.has("flops_analytic"):
+        out["flops_analytic"] = int(meta.flops_analytic(case.batch, case.grid_h, case.grid_w))
+    out.update(flops_mod.count_flops(build, (case.batch, case.grid_h, case.grid_w, case.dim), dtype,
+                                     train=case.mode == "train"))
+    return out
+
+
+
+def random_input(case: Case, batch: int, seed: int) -> torch.Tensor:
+    """The cell's input, (batch, grid_h, grid_w, dim), standard normal from ``seed`` (never zeros)."""
+    gen = torch.Generator(device=case.device).manual_seed(seed + 1)  # made where it is used, in its dtype
+    return torch.randn(batch, case.grid_h, case.grid_w, case.dim, generator=gen, device=case.device,
+                       dtype=TORCH_DTYPES[case.dtype])
+
+
+
+def find_max_batch(case: Case, module: torch.nn.Module, settings: CellSettings) -> tuple[int, list[dict[str, Any]]]:
+    """Largest batch <= ``case.batch`` whose call fits, halving on out-of-memory (CPU: the memory
+    budget, estimated from one image, since an oversized CPU call swaps instead of failing).
+    Returns the batch and the tries."""
+    device = torch.device(case.device)
+    limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
+    batch, tries = case.batch, []
+    if device.type == "cpu":
+        x = random_input(case, 1, settings.seed)
+        per_image, _ = memory.peak_memory_bytes(make_call(module, x, case.mode), device)
+        del x
+        while batch > 1 and per_image == per_image and per_image * batch > limit:
+            tries.append({"batch": batch, "fits": False, "why": "estimated memory over budget"})
+            batch //= 2
+    while True:
+        x = None
+        try:
+            x = random_input(case, batch, settings.seed)
+            make_call(module, x, case.mode)()
+            tries.append({"batch": batch, "fits": True})
+            return batch, tries
+        except Exception as exc:
+            if not is_oom(exc) or batch == 1:
+                raise
+            tries.append({"batch": batch, "fits": False, "why": "out of memory"})
+        # out of the except clause: the exception and its frames (which hold the activations) are gone
+        x = None
+        gc.collect()
+        empty_cache(device)
+        batch //= 2
+
+
+
+class CompileFallback(Exception):
+    """torch.compile produced no graph for the cell (it ran eagerly): an ``error`` cell, never silent."""
+
+
+
+def compile_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The module under torch.compile with a fresh dynamo cache and static shapes, so each cell compiles
+    and times its own program (with one cache shared by the cells of a sweep, later resolutions were
+    recompiled as dynamic shapes, and compile_s read 0.02 s)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return torch.compile(module, dynamic=False)
+
+
+
+def check_compiled() -> None:
+    """Raise :class:`CompileFallback` when the first compiled call produced no graph (dynamo fell back
+    to eager, e.g. at its recompile limit)."""
+    import torch._dynamo
+
+    if not torch._dynamo.utils.counters["stats"].get("unique_graphs"):
+        raise CompileFallback("torch.compile compiled no graph for this cell: it ran eagerly (see torch's "
+                              "recompile limit and graph breaks); the cell is not a compiled measurement")

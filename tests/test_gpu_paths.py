@@ -1,0 +1,122 @@
+"""CUDA paths of the cell that a CPU can check with fakes (issue 13): the current device, both TF32
+switches, the input made on its device in its dtype, the largest-batch search in the measured context,
+out-of-memory clean-up outside the exception, memory freed between cells, train FLOPs without a
+forward-only stand-in."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from attnbench import build, cell, device as device_mod
+from attnbench.runner import prepare, run_suite
+from conftest import FAST_TIMING, make_suite
+
+
+def test_a_cuda_n_run_makes_that_gpu_current(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: seen.append(index))
+    saved = device_mod.saved_globals()
+    try:
+        state = device_mod.apply_globals(None, True, torch.device("cuda:1"))
+        assert seen == [1]
+        assert state["tf32"] is True and state["tf32_cudnn"] is True  # the suite's tf32 reaches both switches
+        device_mod.apply_globals(None, False, torch.device("cuda:1"))
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+        device_mod.apply_globals(None, None, torch.device("cpu"))
+        assert seen == [1, 1]  # nothing for the CPU
+    finally:
+        device_mod.restore_globals(saved)
+
+
+def test_rows_record_both_tf32_switches(tmp_path):
+    row = run_suite(make_suite(["toy.proj"]), out=tmp_path / "r", progress=False).rows[0]
+    assert "tf32" in row and "tf32_cudnn" in row and row["tf32_cudnn"] is None  # None on CPU
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_input_is_made_in_its_dtype_where_it_is_used(dtype, monkeypatch):
+    _suite, _dev, cases = prepare(make_suite(["toy.proj"], dtype=dtype))
+    made = []
+    real = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: made.append(k) or real(*a, **k))
+    x = build.random_input(cases[0], 2, seed=0)
+    assert x.dtype == getattr(torch, dtype) and made[0]["dtype"] == getattr(torch, dtype)
+    assert made[0]["device"] == "cpu" and x.abs().mean() > 0.5  # never zeros
+    assert torch.equal(x, build.random_input(cases[0], 2, seed=0))
+
+
+def test_the_batch_search_runs_under_the_pinned_backend(tmp_path, monkeypatch):
+    backends = []
+    real = cell.sdpa_context
+
+    def spy(name):
+        backends.append(name)
+        return real(name)
+
+    monkeypatch.setattr(cell, "sdpa_context", spy)
+    run_suite(make_suite(["mha.sdpa"], find_max_batch=True, batch=2, sdpa_backend="math"), out=tmp_path / "r",
+              progress=False)
+    assert backends[0] == "math" and len(backends) >= 2  # the search, then the measurement
+
+
+def test_out_of_memory_clean_up_happens_after_the_exception_is_gone(tmp_path, monkeypatch):
+    held = []
+
+    class Hog(torch.nn.Module):
+        def forward(self, x):
+            activation = torch.empty(1)
+            held.append(weakref.ref(activation))
+            if x.shape[0] > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+            return x
+
+    alive_at_cleanup = []
+    real_collect = gc.collect
+    monkeypatch.setattr(build.gc, "collect", lambda *a: real_collect(*a) or alive_at_cleanup.append(
+        [r() is not None for r in held]))
+    _suite, _dev, cases = prepare(make_suite(["toy.proj"], batch=4))
+    batch, tries = build.find_max_batch(cases[0], Hog(), cell.CellSettings())
+    assert batch == 1 and [t["fits"] for t in tries][-1] is True
+    assert alive_at_cleanup and not any(any(alive) for alive in alive_at_cleanup)
+
+
+def test_a_cells_module_and_input_are_freed_after_it(tmp_path, monkeypatch):
+    refs = []
+    real = build.module_builder
+
+    def spy(case):
+        make = real(case)
+
+        def built():
+            m = make()
+            refs.append(weakref.ref(m))
+            return m
+
+        return built
+
+    monkeypatch.setattr(cell, "module_builder", spy)
+    run_suite(make_suite(["toy.proj"], resolution=(32, 48), timing={**FAST_TIMING, "sentinel": False}),
+              out=tmp_path / "r", progress=False)
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
+
+
+def test_train_mode_has_no_forward_only_stand_in(tmp_path, monkeypatch):
+    from attnbench.measure import flops
+
+    real = flops.count_flops
+
+    def broken_torch_counter(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.pop("flops_torch_fwd_bwd", None)
+        out["count_message"] = "torch counter: failed (fake)"
+        return out
+
+    monkeypatch.setattr(flops, "count_flops", broken_torch_counter)
+    rows = run_suite(make_suite(["toy.proj"], mode=["forward", "train"]), out=tmp_path / "r", progress=False).rows
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["forward"]["tflops_count"] == "flops_torch" and by_mode["forward"]["tflops_achieved"] > 0
+    assert by_mode["train"]["tflops_count"] == "" and by_mode["train"]["tflops_achieved"] != by_mode["train"][
+        "tflops_achieved"]  # NaN, not the forward count over a forward + backward latency
