@@ -139,13 +139,15 @@ def measure_latency(call: Callable[[], None], case: Case, settings: CellSettings
     timed, method = call, "perf_counter" if device.type == "cpu" else "cuda_events"
     if tm.cuda_graph and device.type == "cuda":
         if case.mode == "forward":
-            timed, method = timing.capture_graph(call, device), "cuda_graph_replay"
+            timed, method = timing.graph_or_events(call, device)  # a capture that fails falls back to events
         else:
             row["message"] = "cuda_graph: not used in train mode (timed with CUDA events)"
     row.update(timing_method=method, l2_flush=ctx.flush is not None)
     est_s = sorted(warm)[len(warm) // 2] / 1e3
+    flush_s = _wall(ctx.flush, device) if ctx.flush is not None else 0.0  # one flush, counted in the budget
     remaining_s = budget_s - (time.perf_counter() - t_start)
-    n = timing.plan_repeats(est_s, tm.target_s, tm.min_repeats, tm.max_repeats, remaining_s)
+    n = timing.plan_repeats(est_s, tm.target_s, tm.min_repeats, tm.max_repeats, remaining_s,
+                            min_sample_s=tm.min_sample_s, overhead_s=flush_s)
     if n is None:
         raise OverBudget(f"{tm.min_repeats} calls of {est_s * 1e3:.3g} ms exceed the {remaining_s:.3g} s "
                          f"left of the cell budget of {budget_s:g} s")
@@ -155,7 +157,25 @@ def measure_latency(call: Callable[[], None], case: Case, settings: CellSettings
     ctx.load_summary = gpu_load.summary
     if load is not None:  # how much of the machine other processes took while the calls were timed
         row["cpu_others_cores"] = cpuload.others_cores(load, cpuload.read())
+    if device.type == "cuda" and tm.steady_s > 0:  # 5. steady state: back to back, no flush (GPU)
+        row.update(steady_state(timed, device, samples, est_s, min(tm.steady_s, budget_s - (time.perf_counter()
+                                                                                          - t_start))))
     return Latency(tuple(samples), method, ctx.flush is not None)
+
+
+def steady_state(timed: Callable[[], None], device: torch.device, samples: list[float], est_s: float,
+                 total_s: float) -> dict[str, Any]:
+    """Blocks of back-to-back calls without flush or synchronisation (what timm's benchmark and a training
+    loop see), beside the flushed per-call times (cold cache, as do_bench); ``launch_bound`` where the
+    steady time is more than 20% above the flushed median: the CPU's launches set the pace."""
+    median_ms = sorted(samples)[len(samples) // 2]
+    per_block = timing.steady_calls(max(est_s, median_ms / 1e3), total_s)
+    if per_block is None:
+        return {}
+    steady = timing.time_steady(timed, device, per_block)
+    steady_ms = sorted(steady)[len(steady) // 2]
+    return {"latency_steady_ms_median": steady_ms, "latency_steady_ms_samples": steady, "steady_calls": per_block,
+            "launch_bound": timing.launch_bound(median_ms, steady_ms)}
 
 
 # ----------------------------------------------------------------------------------- derived columns

@@ -149,9 +149,15 @@ COLUMNS: tuple[Column, ...] = (
     _C("latency_cv", LATENCY, "float", "coefficient of variation: std / mean of the timed calls", True, "info",
        (5, "latency spread, coefficient of variation % (std / mean of the timed calls)", 0.01, ".2g")),
     _C("latency_ms_samples", LATENCY, "json", "every timed call, ms", True),
-    _C("timing_method", LATENCY, "str", "perf_counter | cuda_events | cuda_graph_replay", True),
+    _C("timing_method", LATENCY, "str", "perf_counter | cuda_events | cuda_graph_replay | cuda_events (graph "
+                                        "capture failed: <reason>)", True),
     _C("l2_flush", LATENCY, "bool", "GPU L2 overwritten before each timed call", True),
     _C("warmup_calls", LATENCY, "int", "calls before the timed ones (first call included)"),
+    _C("latency_steady_ms_median", LATENCY, "float", "GPU: median over blocks of back-to-back calls (no flush, "
+                                                     "no sync), ms per call"),
+    _C("latency_steady_ms_samples", LATENCY, "json", "each steady block's time over its calls, ms"),
+    _C("steady_calls", LATENCY, "int", "calls per steady-state block"),
+    _C("launch_bound", LATENCY, "bool", "steady time more than 20% above the flushed median: launches set the pace"),
     _C("compile_s", LATENCY, "float", "torch.compile: the first call, s"),
     # memory
     _C("peak_mem_bytes", MEMORY, "float", "peak memory of one call above what was held before it", True, "memory",

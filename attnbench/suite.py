@@ -50,6 +50,8 @@ class TimingSettings(_Strict):
     l2_flush: bool = True  # GPU: evict L2 before each timed call
     cuda_graph: bool = False  # GPU, forward mode: time replays of a captured CUDA graph
     sentinel: bool = True  # time a fixed small matmul before each cell: the device's speed drift over the run
+    min_sample_s: Annotated[float, Field(ge=0)] = 0.1  # fast calls: more than max_repeats, for this much of samples
+    steady_s: Annotated[float, Field(ge=0)] = 0.1  # GPU: back-to-back calls without flush (0: off)
 
 
 class BudgetSettings(_Strict):

@@ -72,7 +72,8 @@ def test_oom_skips_larger_resolutions(tmp_path):
 
 
 # the budget rule on a scripted clock: toy.proj's measured call "takes" 0.1 ms per token, whatever the machine
-SCRIPTED_TIMING = {"warmup_s": 0.0, "target_s": 0.05, "min_repeats": 3, "max_repeats": 5, "sentinel": False}
+SCRIPTED_TIMING = {"warmup_s": 0.0, "target_s": 0.05, "min_repeats": 3, "max_repeats": 5, "sentinel": False,
+                   "min_sample_s": 0.0}
 
 
 def per_token(module, x):

@@ -16,11 +16,18 @@ and after every cell's timed calls. Its reference is the fastest reading of the 
 of three at the start, then every reading), so one slow moment at the start cannot make every later
 cell look fast: a cell's ``device_speed`` is its readings over that reference, at most 1, and it is
 flagged ``drift`` when both readings are more than 10% below it (clocks, power, a neighbour).
+
+Warm-up by time (:func:`_warm`): before any of these is timed, its operation runs for at least
+:data:`WARMUP_S` of wall time on CUDA, synchronised: an idle H100 sits at 345 MHz and needs tens of
+milliseconds of work to reach its clocks, far more than a few calls (1.4 ms of the sentinel). On CPU
+a few calls, :data:`CPU_WARMUP_S` and at least two calls: the sentinel runs twice a cell, and on CPU
+its time is the harness's own time.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from time import perf_counter
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,15 +37,38 @@ from . import timing
 from ..device import TORCH_DTYPES as DTYPES
 
 
+WARMUP_S = 0.1  # CUDA: wall time of work before a peak or the sentinel is timed (clocks ramp up)
+CPU_WARMUP_S = 0.005  # CPU: a few calls (4 of the 1.2 ms sentinel on 2 cores; 0.02 s would add 35 ms a cell)
+WARMUP_MIN_CALLS = 2
+
+
+def warmup_s(device: torch.device) -> float:
+    """The warm-up time before timing on ``device``: :data:`WARMUP_S` on CUDA, else :data:`CPU_WARMUP_S`."""
+    return WARMUP_S if device.type == "cuda" else CPU_WARMUP_S
+
+
+def _warm(fn: Callable[[], object], device: torch.device, seconds: float,
+          min_calls: int = WARMUP_MIN_CALLS) -> int:
+    """Call ``fn`` until ``seconds`` of wall time have passed and at least ``min_calls`` calls were
+    made, the device synchronised after each call (the time counted is the device's work, not queued
+    launches). Returns the number of calls."""
+    timing.synchronize(device)
+    t0_s = perf_counter()
+    calls = 0
+    while calls < min_calls or perf_counter() - t0_s < seconds:
+        fn()
+        timing.synchronize(device)
+        calls += 1
+    return calls
+
+
 def _median_ms(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    timing.time_calls(fn, device, 2)
+    _warm(fn, device, warmup_s(device))
     return float(np.median(timing.time_calls(fn, device, repeats)))
 
 
 def _best_ms(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    timing.time_calls(fn, device, 2)
+    _warm(fn, device, warmup_s(device))
     return float(np.min(timing.time_calls(fn, device, repeats)))
 
 
@@ -63,7 +93,7 @@ def sentinel_reference(device: torch.device, readings: int = 3) -> float:
 
 
 def sentinel_tflops(device: torch.device, repeats: int = 5) -> float:
-    """TFLOP/s of the sentinel matmul now: median of ``repeats`` timed calls after one warm-up."""
+    """TFLOP/s of the sentinel matmul now: median of ``repeats`` timed calls after the warm-up by time."""
     key = str(device)
     if key not in _sentinel_inputs:
         n, dtype = (4096, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)

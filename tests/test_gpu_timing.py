@@ -1,0 +1,297 @@
+"""GPU timing without a GPU: steady-state blocks, the launch-bound flag, the CUDA-graph fallback, the
+time-based warm-up of the device peaks and the sentinel, the time-budgeted repeat count. CUDA is faked
+(events, synchronisation, graphs and a clock) as in test_measure's event-order test."""
+
+import math
+
+import pytest
+import torch
+
+from attnbench.measure import peaks, timing
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Fake CUDA events and synchronisation; returns the log of what happened, in order. An event's
+    ``elapsed_time`` is scripted: the number of ``call`` entries between the two events, times 2 ms."""
+    log: list[str] = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = len(log)
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return 2.0 * log[self.at:end.at].count("call")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    return log
+
+
+# --- 1. steady state and the launch-bound flag -----------------------------------------------------
+
+def test_time_steady_records_events_only_at_block_boundaries(fake_cuda):
+    log = fake_cuda
+    samples = timing.time_steady(lambda: log.append("call"), CUDA, n=4, repeats=3)
+    # no flush, no synchronisation inside or between blocks: one event per block boundary
+    assert log == ["sync", "record"] + (["call"] * 4 + ["record"]) * 3 + ["sync"]
+    assert samples == [2.0, 2.0, 2.0]  # 4 calls x 2 ms per block, over 4 calls
+
+
+def test_time_steady_gives_total_over_n_per_block(monkeypatch):
+    """Scripted block totals: each sample is its block's elapsed time over n."""
+    totals = iter([10.0, 12.0, 30.0])
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, end):
+            return next(totals)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert timing.time_steady(lambda: None, CUDA, n=5, repeats=3) == [2.0, 2.4, 6.0]
+
+
+def test_time_steady_cpu_one_sample_per_block():
+    calls = []
+    samples = timing.time_steady(lambda: calls.append(1), CPU, n=6, repeats=4)
+    assert len(calls) == 24 and len(samples) == 4 and all(s >= 0 for s in samples)
+
+
+def test_time_calls_with_flush_hides_what_steady_shows(fake_cuda):
+    """The flushed per-call events hold the call alone; the steady blocks hold back-to-back calls."""
+    log = fake_cuda
+    flushed = timing.time_calls(lambda: log.append("call"), CUDA, 3, flush=lambda: log.append("flush"))
+    assert "flush" in log and flushed == [2.0] * 3
+    log.clear()
+    timing.time_steady(lambda: log.append("call"), CUDA, n=3, repeats=2)
+    assert "flush" not in log and log.count("sync") == 2
+
+
+@pytest.mark.parametrize("flushed,steady,want", [
+    (0.010, 0.050, True),    # launches cannot keep up: 5x
+    (0.010, 0.0121, True),   # just over 20%
+    (0.010, 0.0119, False),  # just under
+    (1.00, 1.02, False),     # GPU-bound: the same
+    (0.10, 0.05, False),     # steady faster: the warm L2, not launch overhead
+    (math.nan, 0.05, False),
+])
+def test_launch_bound(flushed, steady, want):
+    assert timing.launch_bound(flushed, steady) is want
+
+
+def test_launch_bound_tolerance():
+    assert timing.launch_bound(1.0, 1.3, tolerance=0.5) is False
+    assert timing.launch_bound(1.0, 1.6, tolerance=0.5) is True
+
+
+@pytest.mark.parametrize("est,total,want", [
+    (1e-3, 0.1, 20),        # 5 blocks of 20 ms: 20 calls of 1 ms
+    (1e-7, 0.1, 2000),      # at most MAX_CALLS_HARD calls in all
+    (0.015, 0.1, 1),        # a call per block at least...
+    (0.03, 0.1, None),      # ...and no plan when 5 calls do not fit
+])
+def test_steady_calls(est, total, want):
+    assert timing.steady_calls(est, total) == want
+
+
+# --- 2. a module that cannot be captured falls back to CUDA events --------------------------------
+
+@pytest.fixture
+def fake_graph_cuda(monkeypatch, fake_cuda):
+    """Fake streams and graphs; ``state["fail"]`` makes capture raise, ``state["exit_fail"]`` makes the
+    end of capture raise its own error too (as torch's does after a failed capture)."""
+    log = fake_cuda
+    state = {"fail": None, "exit_fail": None}
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class StreamContext:
+        def __init__(self, stream):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class CUDAGraph:
+        def capture_begin(self):
+            log.append("capture_begin")
+            if state["fail"]:
+                raise state["fail"]
+
+        def capture_end(self):
+            log.append("capture_end")
+            if state["exit_fail"]:
+                raise state["exit_fail"]
+
+        def replay(self):
+            log.append("replay")
+
+    class Graph:  # torch.cuda.graph: begin on entry, end on exit (also after an error inside)
+        def __init__(self, graph):
+            self.graph = graph
+
+        def __enter__(self):
+            self.graph.capture_begin()
+
+        def __exit__(self, *exc):
+            self.graph.capture_end()
+            return False
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", CUDAGraph)
+    monkeypatch.setattr(torch.cuda, "graph", Graph)
+    return log, state
+
+
+def test_capture_graph_replays_when_capture_works(fake_graph_cuda):
+    log, _ = fake_graph_cuda
+    replay = timing.capture_graph(lambda: log.append("call"), CUDA, warmup=2)
+    replay()
+    assert log == ["call", "call", "capture_begin", "call", "capture_end", "sync", "replay"]
+    timed, method = timing.graph_or_events(lambda: None, CUDA)
+    assert method == "cuda_graph_replay" and timed.__name__ == "replay"
+
+
+def test_capture_failure_is_typed(fake_graph_cuda):
+    _, state = fake_graph_cuda
+    state["fail"] = RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+    with pytest.raises(timing.GraphCaptureError) as info:
+        timing.capture_graph(lambda: None, CUDA)
+    assert info.value.reason == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    assert isinstance(info.value, RuntimeError)  # callers catching RuntimeError still do
+
+
+def test_failed_capture_falls_back_to_cuda_events(fake_graph_cuda):
+    log, state = fake_graph_cuda
+    state["fail"] = ValueError("a host sync inside the module")
+    call = lambda: log.append("call")
+    timed, method = timing.graph_or_events(call, CUDA)
+    assert timed is call
+    assert method == "cuda_events (graph capture failed: ValueError: a host sync inside the module)"
+    assert log[-1] == "sync"  # the device synchronised after the failed capture
+    log.clear()
+    assert timing.time_calls(timed, CUDA, 2) == [2.0, 2.0]  # and the call is timed with events
+
+
+def test_fallback_names_the_first_error_not_the_cleanups(fake_graph_cuda):
+    _, state = fake_graph_cuda
+    state["fail"] = TypeError("the module's own problem")
+    state["exit_fail"] = RuntimeError("operation failed due to a previous error during capture")
+    _, method = timing.graph_or_events(lambda: None, CUDA)
+    assert method == "cuda_events (graph capture failed: TypeError: the module's own problem)"
+
+
+def test_capture_needs_cuda_and_cpu_falls_back_to_perf_counter():
+    with pytest.raises(timing.GraphCaptureError, match="CUDA device"):
+        timing.capture_graph(lambda: None, CPU)
+    call = lambda: None
+    assert timing.graph_or_events(call, CPU) == (call, "perf_counter")
+
+
+# --- 3. peaks and the sentinel warm up by time -----------------------------------------------------
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """peaks' clock, advanced only by the fake work: each ``work()`` takes ``state["call_s"]``."""
+    state = {"now": 100.0, "call_s": 0.003, "calls": 0}
+    monkeypatch.setattr(peaks, "perf_counter", lambda: state["now"])
+
+    def work():
+        state["now"] += state["call_s"]
+        state["calls"] += 1
+
+    return state, work
+
+
+def test_warm_runs_until_the_time_is_reached_on_cuda(fake_cuda, fake_clock):
+    state, work = fake_clock
+    log = fake_cuda
+    calls = peaks._warm(work, CUDA, peaks.WARMUP_S)
+    assert calls == state["calls"] == math.ceil(peaks.WARMUP_S / state["call_s"] - 1e-9)  # 34 calls of 3 ms
+    assert state["now"] - 100.0 >= peaks.WARMUP_S
+    assert log == ["sync"] * (calls + 1)  # synchronised before, and after every call: device time counted
+
+
+def test_warm_is_short_on_cpu(fake_clock):
+    state, work = fake_clock
+    assert peaks.warmup_s(CPU) == peaks.CPU_WARMUP_S < peaks.WARMUP_S == peaks.warmup_s(CUDA)
+    state["call_s"] = 0.0012
+    assert peaks._warm(work, CPU, peaks.warmup_s(CPU)) == 5  # 0.005 s of 1.2 ms calls
+    state["call_s"] = 0.5
+    assert peaks._warm(work, CPU, peaks.warmup_s(CPU)) == peaks.WARMUP_MIN_CALLS  # a slow call: two
+
+
+def test_peak_and_sentinel_timing_warm_up_by_time_first(fake_cuda, fake_clock):
+    """_best_ms / _median_ms (the matmul peak, the copy and the sentinel) on a fake GPU: ~0.1 s of
+    calls, then the timed ones."""
+    state, work = fake_clock
+    log = fake_cuda
+
+    def call():
+        work()
+        log.append("call")
+
+    assert peaks._best_ms(call, CUDA, 5) == 2.0
+    warm = math.ceil(peaks.WARMUP_S / state["call_s"] - 1e-9)
+    assert state["calls"] == warm + 5
+    state["calls"] = 0
+    assert peaks._median_ms(call, CUDA, 3) == 2.0 and state["calls"] == warm + 3
+
+
+def test_sentinel_on_cpu_warms_with_the_cpu_time(monkeypatch):
+    seen = []
+    monkeypatch.setattr(peaks, "_warm", lambda fn, device, seconds: seen.append(seconds))
+    assert peaks.sentinel_tflops(CPU, repeats=2) > 0
+    assert seen == [peaks.CPU_WARMUP_S]
+
+
+# --- 4. fast calls get more than max_repeats, within the time left -------------------------------
+
+@pytest.mark.parametrize("est,remaining,kw,want", [
+    (1e-6, 100, {}, 1000),                             # today's behaviour by default: max_repeats
+    (1e-5, 100, {"min_sample_s": 0.05}, 5000),         # 10 us calls: 0.05 s of samples
+    (1e-6, 100, {"min_sample_s": 0.05}, 10000),        # ...capped by the hard cap
+    (1e-6, 100, {"min_sample_s": 0.05, "hard_cap": 2000}, 2000),
+    (1e-5, 0.02, {"min_sample_s": 0.05}, 2000),        # ...and by the time left
+    (1e-3, 100, {"min_sample_s": 0.05}, 500),          # max_repeats calls span enough already
+    (1e-5, 0.02, {"min_sample_s": 0.05, "overhead_s": 9e-5}, 200),  # a 90 us flush per call counts
+    (1e-3, 0.003, {"overhead_s": 1e-3}, None),         # min_repeats with their flushes do not fit
+])
+def test_plan_repeats_by_time(est, remaining, kw, want):
+    assert timing.plan_repeats(est, target_s=0.5, min_repeats=2, max_repeats=1000, remaining_s=remaining,
+                               **kw) == want
+
+
+def test_min_sample_never_exceeds_the_target():
+    """A short target (a quick test suite) is not stretched by min_sample_s."""
+    assert timing.plan_repeats(1e-5, 0.01, 2, 100, 30.0, min_sample_s=0.1) == 1000
+
+
+def test_plan_repeats_default_unchanged_for_fast_cells():
+    """max_repeats 100 and 10 us calls: 1 ms of samples today; 0.1 s with min_sample_s."""
+    assert timing.plan_repeats(1e-5, 0.5, 5, 100, 30.0) == 100
+    assert timing.plan_repeats(1e-5, 0.5, 5, 100, 30.0, min_sample_s=0.1) == 10000
