@@ -120,3 +120,43 @@ def test_train_mode_has_no_forward_only_stand_in(tmp_path, monkeypatch):
     assert by_mode["forward"]["tflops_count"] == "flops_torch" and by_mode["forward"]["tflops_achieved"] > 0
     assert by_mode["train"]["tflops_count"] == "" and by_mode["train"]["tflops_achieved"] != by_mode["train"][
         "tflops_achieved"]  # NaN, not the forward count over a forward + backward latency
+
+
+# --- on a GPU (skipped here: this project's CPU machines have none) -----------------------------------
+
+@pytest.mark.gpu
+def test_gpu_every_builtin_implementation_is_graph_captured(tmp_path):
+    import attnbench
+
+    builtin = [n for n, s in attnbench.specs().items() if s.source == "builtin"]
+    res = run_suite(make_suite(builtin, device="cuda", resolution=(64,), timing={**FAST_TIMING, "cuda_graph": True}),
+                    out=tmp_path / "r", progress=False)
+    for row in res.rows:
+        assert row["status"] == "ok", (row["impl"], row["message"])
+        assert row["timing_method"] == "cuda_graph_replay", (row["impl"], row["timing_method"])
+
+
+@pytest.mark.gpu
+def test_gpu_peak_fraction_and_readings_under_load(tmp_path):
+    res = run_suite(make_suite(["mha.sdpa", "swin.window"], device="cuda", resolution=(224, 448), measure_peaks=True,
+                               timing={**FAST_TIMING, "target_s": 0.2}), out=tmp_path / "r", progress=False)
+    for row in res.rows:
+        assert row["status"] == "ok", row["message"]
+        assert 0 < row["peak_fraction"] <= 1 or row["over_peak"]
+        if row["telemetry"] == "nvml":  # real NVML readings taken while the calls ran
+            assert row["gpu_load_samples"] >= 1 and row["gpu_load_sm_clock_mhz_median"] > 0
+            assert row["gpu_load_power_w_max"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_batch_search_recovers_from_a_real_out_of_memory(tmp_path):
+    free, _total = torch.cuda.mem_get_info()
+    # mha.math at 128 x 128 tokens holds batch x 3 x 16384^2 x 2 bytes of attention: 1.6 GB per image in
+    # bfloat16; ask for far more images than fit, so the first tries really run out of memory
+    batch = 1 << max(1, int(free / 1.6e9).bit_length() + 2)
+    res = run_suite(make_suite(["mha.math"], device="cuda", dtype="bfloat16", dim=48, heads=3, resolution=(512,),
+                               batch=batch, find_max_batch=True, budget={"memory_fraction": 1.0}),
+                    out=tmp_path / "r", progress=False)
+    row = res.rows[0]
+    assert row["status"] == "ok", row["message"]
+    assert row["batch"] < batch and any(t["why"] == "out of memory" for t in row["batch_search"] if not t["fits"])
