@@ -33,9 +33,15 @@ def _cases():
 @pytest.mark.parametrize("name,params", list(_cases()))
 def test_meta_counts_equal_real_counts(name, params):
     rng = random.Random(f"{name}{params}")
-    for _ in range(2):
+    checked = 0
+    while checked < 2:
         heads = rng.choice([1, 2, 3])
         dim = heads * rng.choice([8, 16])
+        try:
+            attnbench.create(name, dim=dim, heads=heads, **params)
+        except ValueError:  # a design that refuses this head count (cswin.cross: even heads only)
+            continue
+        checked += 1
         b, h, w = rng.randint(1, 2), rng.randint(8, 20), rng.randint(8, 20)
         forms = [False, True] if attnbench.get_spec(name).has("reparameterize") else [False]
         for merged in forms:

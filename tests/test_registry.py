@@ -26,7 +26,10 @@ def test_builtins_listed():
 
 def test_contract_shapes():
     for name in sorted(n for names in ALGORITHMS.values() for n in names):  # the package's own
-        m = attnbench.create(name, dim=48, heads=3).eval()
+        try:
+            m = attnbench.create(name, dim=48, heads=3).eval()
+        except ValueError:  # a design that refuses odd head counts (cswin.cross)
+            m = attnbench.create(name, dim=48, heads=4).eval()
         y = m(torch.randn(2, 16, 12, 48))
         assert y.shape[0] == 2 and y.shape[-1] == 48, name
 
