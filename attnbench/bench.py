@@ -80,7 +80,8 @@ def attention_call(impl: str, resolution: int = 224, *, patch: int = 4, dim: int
     mode. Raises :class:`BenchSetupError`, :class:`attnbench.UnknownImplError`,
     :class:`attnbench.ParamError` or :class:`attnbench.UnsupportedCaseError` on bad input.
     """
-    from .cell import Unsupported, check_supports, make_call, module_builder, random_input
+    from .build import Unsupported, check_supports, module_builder, random_input
+    from .measure.call import make_call
     from .device import TORCH_DTYPES, resolve_device, resolve_dtypes
     from .errors import SuiteError
     from .measure import timing

@@ -33,8 +33,8 @@ import torch
 from . import budget, registry
 from .device import TORCH_DTYPES, apply_globals, empty_cache, is_backend_refusal, is_oom, sdpa_context
 from .job import CellSettings, Job
-from .build import (CompileFallback, OutputContractError, Unsupported, check_compiled, check_output,  # noqa: F401
-                    check_supports, compile_module, count, find_max_batch, module_builder, random_input)
+from .build import (Unsupported, check_compiled, check_output, check_supports, compile_module, count, find_max_batch,
+                    module_builder, random_input)
 from .context import CellContext, device_speed_columns, drift_columns, telemetry_columns
 from .measure import cpuload, memory, predict, timing
 from .measure import telemetry as telemetry_mod

@@ -30,7 +30,6 @@ proj 2 P C^2, attention 4 (Hp/sw)(sw Wp)^2 (C/2) + 4 (Wp/sw)(Hp sw)^2 (C/2), LeP
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register

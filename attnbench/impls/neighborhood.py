@@ -143,7 +143,7 @@ class NeighborhoodNaive(_NeighborhoodAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         self._check(H, W)
-        h, d, kk, N = self.heads, self.head_dim, self.kernel ** 2, H * W
+        h, d, N = self.heads, self.head_dim, H * W
         q, k, v = (t.reshape(B, h, N, d) for t in self._qkv(x))
         keys, bias_idx = self._index(H, W, x.device)
         kn = k[:, :, keys]  # (B, h, N, K, d)
@@ -207,7 +207,7 @@ class Neighborhood(_NeighborhoodAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         self._check(H, W)
-        h, d, k, m = self.heads, self.head_dim, self.kernel, 2 * self.kernel - 1
+        h, d, m = self.heads, self.head_dim, 2 * self.kernel - 1
         dil, dev = self.dilation, x.device
         q, kt, vt = self._qkv(x)  # (B, h, H, W, d)
         out = q.new_empty(B, h, H, W, d) if dil > 1 else None

@@ -25,10 +25,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from ..registry import register
-from ._common import check_heads, linear_flops
+from ._common import linear_flops
+from .mha import _GlobalMHA
 
 
 def default_nb_features(head_dim: int) -> int:
@@ -51,23 +50,19 @@ def orthogonal_random_features(nb_features: int, head_dim: int, generator: torch
 
 
 @register("performer.favor", algorithm="performer")
-class PerformerFavor(nn.Module):
+class PerformerFavor(_GlobalMHA):
     """Performer FAVOR+: softmax attention estimated with positive orthogonal random features, linear in N."""
 
     default_text = {"nb_features": "head_dim * ln(head_dim)"}
 
     def __init__(self, dim: int, heads: int, nb_features: int = -1, qkv_bias: bool = True, seed: int = 0):
-        super().__init__()
-        self.dim, self.heads = dim, heads
-        self.head_dim = check_heads(dim, heads)
+        super().__init__(dim, heads, qkv_bias)  # qkv, proj and the forward pass of global attention
         if isinstance(nb_features, bool) or not isinstance(nb_features, int):
             raise ValueError(f"nb_features must be an integer, got {nb_features!r}")
         if nb_features == 0 or nb_features < -1:
             raise ValueError(f"nb_features must be positive, or -1 for head_dim * ln(head_dim); got {nb_features}")
         self.nb_features = default_nb_features(self.head_dim) if nb_features == -1 else nb_features
         self.seed = seed
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
         # Drawn on the CPU whatever the default device (a meta build gets the same shape, no values).
         w = orthogonal_random_features(self.nb_features, self.head_dim, torch.Generator().manual_seed(seed))
         self.register_buffer("projection", w.to(device=self.qkv.weight.device, dtype=self.qkv.weight.dtype))
@@ -89,15 +84,6 @@ class PerformerFavor(nn.Module):
         k_sum = phi_k.sum(dim=-2).unsqueeze(-1)  # (B, h, m, 1): phi(K)^T 1
         denom = torch.matmul(phi_q, k_sum)  # (B, h, N, 1)
         return torch.matmul(phi_q, kv) / denom
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, H, W, C) -> (B, H, W, C)."""
-        B, H, W, C = x.shape
-        N = H * W
-        qkv = self.qkv(x.reshape(B, N, C)).reshape(B, N, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d)
-        out = self._attend(q, k, v).transpose(1, 2).reshape(B, H, W, C)
-        return self.proj(out)
 
     def flops_analytic(self, batch: int, height: int, width: int) -> int:
         n, c, m = height * width, self.dim, self.nb_features
