@@ -272,7 +272,15 @@ def parse_suite(data: Any, path: Path | None = None) -> Suite:
     try:
         model = SuiteModel.model_validate(data)
     except ValidationError as exc:
-        _raise(_format_pydantic(exc), where)
+        problems = _format_pydantic(exc)
+        if isinstance(data.get("impls"), list) and not data.get("plugins"):  # entries need no valid model
+            for i, item in enumerate(data["impls"]):
+                try:
+                    _parse_entry(item, i, where)
+                except SuiteError as entry_exc:
+                    problems.append((entry_exc.key or f"impls[{i}]",
+                                     str(entry_exc).split(f"{entry_exc.key}: ", 1)[-1]))
+        _raise(problems, where)
     problems: list[tuple[str, str]] = []
     if model.timing.min_repeats > model.timing.max_repeats:
         problems.append(("timing", f"min_repeats {model.timing.min_repeats} exceeds max_repeats "

@@ -44,6 +44,8 @@ CASES = [
      ["resolution[0]", "multiple of patch"]),
     ("every problem reported", {"s.yaml": suite(resolution=[30], impls=["nope.x"], heads=3)},
      ["run", "{tmp}/s.yaml"], 2, ["resolution[0]", "impls[0]", "heads"]),
+    ("a key typo and a parameter typo", {"s.yaml": suite(resolutoin=[32], impls=[{"sra.conv": {"sr_raito": 8}}])},
+     ["run", "{tmp}/s.yaml"], 2, ["resolutoin", "did you mean 'resolution'", "impls[0].sra.conv", "sr_raito"]),
     ("repeats the wrong way round", {"s.yaml": suite(timing={"min_repeats": 9, "max_repeats": 3})},
      ["run", "{tmp}/s.yaml"], 2, ["timing", "min_repeats 9 exceeds max_repeats 3"]),
     ("negative warm-up", {"s.yaml": suite(timing={"warmup_s": -1})}, ["run", "{tmp}/s.yaml"], 2, ["warmup_s"]),
