@@ -30,8 +30,22 @@ class OutputContractError(Exception):
 
 
 
+def input_shape(case: Case, batch: int) -> tuple[int, ...]:
+    """The cell's input: images (batch, 3, R, R) for a whole model, else tokens (batch, grid_h, grid_w, dim)."""
+    if case.model:
+        return (batch, 3, case.resolution, case.resolution)
+    return (batch, case.grid_h, case.grid_w, case.dim)
+
+
 def module_builder(case: Case) -> Callable[[], torch.nn.Module]:
-    """Builds the cell's module; in forward mode a module with ``reparameterize()`` is measured merged."""
+    """Builds the cell's module; in forward mode a module with ``reparameterize()`` is measured merged.
+    A whole-model cell builds the timm model with its attention swapped (:mod:`attnbench.models`)."""
+    if case.model:
+        from .models import build_model, rules_from_json
+
+        rules = rules_from_json(case.attention)
+        merge = case.mode == "forward"
+        return lambda: build_model(case.model, case.resolution, rules, merge)[0]
     spec = registry.get_spec(case.impl)
     params = dict(case.params)
     merge = case.mode == "forward" and spec.has("reparameterize")
@@ -46,6 +60,8 @@ def module_builder(case: Case) -> Callable[[], torch.nn.Module]:
 
 def check_supports(case: Case, build: Callable[[], torch.nn.Module]) -> None:
     """Raise :class:`Unsupported` with the implementation's reason when it cannot take the cell's grid."""
+    if case.model:
+        return  # the suite built the model at this size on meta: every block took its grid
     if registry.get_spec(case.impl).has("supports"):
         reason = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype]).supports(case.grid_h, case.grid_w)
         if reason:
@@ -57,14 +73,18 @@ def check_output(case: Case, build: Callable[[], torch.nn.Module]) -> None:
     """Raise :class:`OutputContractError` when one forward call on the meta device (no memory, no
     arithmetic) returns anything but (batch, H', W', dim), H' x W' being ``output_size(H, W)`` where the
     class defines it, else the input's grid. A module that cannot run on meta is checked by nothing here."""
-    spec = registry.get_spec(case.impl)
     meta = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype]).eval()
     try:
         with torch.no_grad():
-            y = meta(torch.empty(case.batch, case.grid_h, case.grid_w, case.dim, device="meta",
-                                 dtype=TORCH_DTYPES[case.dtype]))
+            y = meta(torch.empty(input_shape(case, case.batch), device="meta", dtype=TORCH_DTYPES[case.dtype]))
     except Exception:  # noqa: BLE001 - the real call will raise whatever this is
         return
+    if case.model:  # a classifier: (batch, classes)
+        if not (isinstance(y, torch.Tensor) and y.ndim == 2 and y.shape[0] == case.batch):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise OutputContractError(f"{case.model} returned {got}; a whole model returns (batch, classes)")
+        return
+    spec = registry.get_spec(case.impl)
     grid = tuple(meta.output_size(case.grid_h, case.grid_w)) if spec.has("output_size") else (case.grid_h,
                                                                                                 case.grid_w)
     expected = (case.batch, *grid, case.dim)
@@ -77,25 +97,29 @@ def check_output(case: Case, build: Callable[[], torch.nn.Module]) -> None:
 
 
 def count(case: Case, build: Callable[[], torch.nn.Module]) -> dict[str, Any]:
-    """Parameter count and the three FLOP counts, on the meta device."""
-    spec = registry.get_spec(case.impl)
+    """Parameter count and the three FLOP counts, on the meta device (a whole model: no analytic count)."""
     dtype = TORCH_DTYPES[case.dtype]
     meta = flops_mod.build_meta(build, dtype)
-    out: dict[str, Any] = {"params_count": sum(p.numel() for p in meta.parameters()),
-                           "reparameterized": case.mode == "forward" and spec.has("reparameterize")}
-    if spec.has("flops_analytic"):
-        out["flops_analytic"] = int(meta.flops_analytic(case.batch, case.grid_h, case.grid_w))
-    out.update(flops_mod.count_flops(build, (case.batch, case.grid_h, case.grid_w, case.dim), dtype,
-                                     train=case.mode == "train"))
+    out: dict[str, Any] = {"params_count": sum(p.numel() for p in meta.parameters())}
+    if case.model:
+        from .models import describe_swap
+
+        out["reparameterized"] = False
+        out["model_blocks"] = describe_swap(meta)
+    else:
+        spec = registry.get_spec(case.impl)
+        out["reparameterized"] = case.mode == "forward" and spec.has("reparameterize")
+        if spec.has("flops_analytic"):
+            out["flops_analytic"] = int(meta.flops_analytic(case.batch, case.grid_h, case.grid_w))
+    out.update(flops_mod.count_flops(build, input_shape(case, case.batch), dtype, train=case.mode == "train"))
     return out
 
 
 
 def random_input(case: Case, batch: int, seed: int) -> torch.Tensor:
-    """The cell's input, (batch, grid_h, grid_w, dim), standard normal from ``seed`` (never zeros)."""
+    """The cell's input (:func:`input_shape`), standard normal from ``seed`` (never zeros)."""
     gen = torch.Generator(device=case.device).manual_seed(seed + 1)  # made where it is used, in its dtype
-    return torch.randn(batch, case.grid_h, case.grid_w, case.dim, generator=gen, device=case.device,
-                       dtype=TORCH_DTYPES[case.dtype])
+    return torch.randn(input_shape(case, batch), generator=gen, device=case.device, dtype=TORCH_DTYPES[case.dtype])
 
 
 

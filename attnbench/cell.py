@@ -34,7 +34,7 @@ from . import budget, registry
 from .device import TORCH_DTYPES, apply_globals, empty_cache, is_backend_refusal, is_oom, sdpa_context
 from .job import CellSettings, Job
 from .build import (Unsupported, check_compiled, check_output, check_supports, compile_module, count, find_max_batch,
-                    module_builder, random_input)
+                    input_shape, module_builder, random_input)
 from .context import CellContext, device_speed_columns, drift_columns, telemetry_columns
 from .measure import cpuload, memory, predict, timing
 from .measure import telemetry as telemetry_mod
@@ -62,14 +62,15 @@ def base_row(case: Case) -> dict[str, Any]:
         "patch": case.patch, "shape": case.shape, "tokens": case.tokens, "grid_h": case.grid_h, "grid_w": case.grid_w,
         "batch": case.batch, "dim": case.dim, "heads": case.heads, "dtype": case.dtype, "mode": case.mode,
         "device": case.device, "params": dict(case.params), "status": Status.OK.value, "message": "",
-        "cell_id": case.cell_id, "cpu_threads": torch.get_num_threads(), "schema_version": SCHEMA_VERSION,
+        "model": case.model, "attention": case.attention, "cell_id": case.cell_id,
+        "cpu_threads": torch.get_num_threads(), "schema_version": SCHEMA_VERSION,
     }
 
 
 def predict_memory(case: Case, build: Callable[[], torch.nn.Module], settings: CellSettings) -> dict[str, Any]:
     """The peak memory one call will take, traced on the meta device before anything is allocated
     (:mod:`attnbench.measure.predict`): ``peak_mem_predicted_bytes``, or why it could not be predicted."""
-    shape = (case.batch, case.grid_h, case.grid_w, case.dim)
+    shape = input_shape(case, case.batch)
     with sdpa_context(settings.sdpa_backend):
         predicted, why = predict.try_predict_peak_bytes(build, shape, TORCH_DTYPES[case.dtype], case.mode)
     return {"peak_mem_predicted_bytes": predicted} if predicted is not None else {"predict_message": why}
@@ -81,7 +82,7 @@ def check_memory(case: Case, row: dict[str, Any], settings: CellSettings) -> Non
     predicted = row.get("peak_mem_predicted_bytes")
     if predicted is None:
         return
-    held = DTYPE_BYTES[case.dtype] * (row.get("params_count", 0) + case.batch * case.tokens * case.dim)
+    held = DTYPE_BYTES[case.dtype] * (row.get("params_count", 0) + math.prod(input_shape(case, case.batch)))
     device = torch.device(case.device)
     limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
     if predicted + held > limit:

@@ -108,6 +108,10 @@ COLUMNS: tuple[Column, ...] = (
     _C("mode", IDENTITY, "str", "forward (inference) | train (forward + backward)", True),
     _C("device", IDENTITY, "str", "cpu | cuda | cuda:N", True),
     _C("params", IDENTITY, "json", "the implementation's parameters set by the suite", True),
+    _C("model", IDENTITY, "str", "whole-model cells: the timm model (impl is then its attention's label)", True),
+    _C("attention", IDENTITY, "str", "whole-model cells: JSON role -> [design, parameters] swapped in ({}: timm's)",
+       True),
+    _C("model_blocks", SETUP, "str", "whole-model cells: attention blocks swapped, timm weights loaded, kept", True),
     _C("cell_id", IDENTITY, "str", "hash of impl, params, resolution, patch, batch, dim, heads, dtype, mode, "
                                    "device (:func:`cell_id`)", True),
     _C("batch_requested", IDENTITY, "int", "the suite's batch when find_max_batch changed it", True),
@@ -239,6 +243,8 @@ def cell_id(fields: Mapping[str, Any]) -> str:
     items = sorted(params.items()) if isinstance(params, Mapping) else [tuple(p) for p in params]
     key = {k: fields.get(k) for k in IDENTITY_FIELDS}
     key["params"] = [list(p) for p in items]
+    if fields.get("model"):  # whole-model cells (attention cells keep the hashes they always had)
+        key["model"], key["attention"] = fields["model"], fields.get("attention") or ""
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

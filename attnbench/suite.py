@@ -86,7 +86,8 @@ class SuiteModel(_Strict):
     patch: PosInt = 4
     resolution: _listof(PosInt) | None = None
     shapes: Annotated[list[ShapeSpec], Field(min_length=1)] | None = None  # instead of resolution x dim x heads
-    impls: Annotated[list[Any], Field(min_length=1)]
+    impls: list[Any] = []  # attention implementations (at least one of impls and models)
+    models: list[Any] = []  # whole timm models, each {model: name, attention: ...} (see attnbench.models)
     plugins: list[str] = []
     seed: int = 0
     threads: PosInt | None = None
@@ -136,6 +137,22 @@ class ImplEntry:
 
 
 @dataclass(frozen=True)
+class ModelEntry:
+    """One entry of a suite's ``models`` list: a timm model and the attention swapped into it."""
+
+    model: str
+    attention_label: str  # "timm", a design's name, or role=design pairs
+    attention_json: str
+    patch: int
+    dim: int
+    heads: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}[{self.attention_label}]"
+
+
+@dataclass(frozen=True)
 class Case:
     """One cell of the grid: everything needed to build, run and identify a measurement."""
 
@@ -154,6 +171,8 @@ class Case:
     dtype: str
     mode: str
     device: str
+    model: str = ""  # a whole-model cell: the timm model; impl is then its attention rules' label
+    attention: str = ""  # a whole-model cell: its attention rules as JSON (attnbench.models.rules_json)
 
     @property
     def tokens(self) -> int:
@@ -177,6 +196,7 @@ class Suite:
     entries: list[ImplEntry]
     raw: dict[str, Any] = field(default_factory=dict)
     plugin_paths: list[str] = field(default_factory=list)  # resolved, for worker processes
+    model_entries: list[ModelEntry] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -194,6 +214,14 @@ class Suite:
                     out.append(Case(impl=entry.name, label=entry.label, family=spec.family, params=entry.params,
                                     resolution=sh.resolution, patch=sh.patch, shape=sh.name, grid_h=g, grid_w=g,
                                     batch=batch, dim=sh.dim, heads=sh.heads, dtype=dtype, mode=mode, device=device))
+        for entry in self.model_entries:
+            for dtype, mode, batch in itertools.product(dtypes, m.mode, m.batch):
+                for res in sorted(set(m.resolution or [])):
+                    out.append(Case(impl=entry.attention_label, label=entry.label, family="model", params=(),
+                                    resolution=res, patch=entry.patch, shape="", grid_h=res // entry.patch,
+                                    grid_w=res // entry.patch, batch=batch, dim=entry.dim, heads=entry.heads,
+                                    dtype=dtype, mode=mode, device=device, model=entry.model,
+                                    attention=entry.attention_json))
         return out
 
 
@@ -285,7 +313,11 @@ def parse_suite(data: Any, path: Path | None = None) -> Suite:
     if model.timing.min_repeats > model.timing.max_repeats:
         problems.append(("timing", f"min_repeats {model.timing.min_repeats} exceeds max_repeats "
                                    f"{model.timing.max_repeats}"))
+    if not model.impls and not model.models:
+        problems.append(("impls", "give at least one attention implementation (impls) or whole model (models)"))
     grid_keys = [k for k in ("resolution", "dim", "heads") if getattr(model, k) is not None]
+    if model.models and not model.impls:  # a models-only suite needs image sizes only
+        grid_keys = grid_keys + [k for k in ("dim", "heads") if k not in grid_keys] if model.resolution else []
     grid_ok = True
     if model.shapes is not None and grid_keys:
         problems.append(("shapes", f"give either shapes or {'/'.join(grid_keys)}, not both"))
@@ -308,20 +340,31 @@ def parse_suite(data: Any, path: Path | None = None) -> Suite:
         except SuiteError as exc:
             problems.append((exc.key or f"impls[{i}]", str(exc).split(f"{exc.key}: ", 1)[-1]))
             failed_entries = True
-    names = {e.label for e in entries} | {e.name for e in entries}
+    model_entries: list[ModelEntry] = []
+    if model.models and model.shapes is not None:
+        problems.append(("models", "whole models take image sizes from resolution, not shapes"))
+    for i, item in enumerate(model.models):
+        try:
+            from .models import parse_entry
+
+            model_entries.append(ModelEntry(**parse_entry(item, sorted(set(model.resolution or [])), where,
+                                                          f"models[{i}]")))
+        except SuiteError as exc:
+            problems.append((exc.key or f"models[{i}]", str(exc).split(f"{exc.key}: ", 1)[-1]))
+    names = {e.label for e in entries} | {e.name for e in entries} | {e.label for e in model_entries}
     for i, pair in enumerate(model.pairs):
         for name in pair:
             if name not in names and not failed_entries:
                 problems.append((f"pairs[{i}]", f"{name!r} is not an implementation of this suite "
                                                 f"(have: {', '.join(sorted(names))})"))
-    for i, res in enumerate(model.resolution or []):
+    for i, res in enumerate(model.resolution or [] if model.impls else []):
         if res % model.patch:
             problems.append((f"resolution[{i}]", f"resolution {res} is not a multiple of patch {model.patch}"))
     for i, sh in enumerate(model.shapes or []):
         if sh.resolution % (sh.patch or model.patch):
             problems.append((f"shapes[{i}]", f"resolution {sh.resolution} is not a multiple of patch "
                                              f"{sh.patch or model.patch}"))
-    shapes = shapes_of(model) if grid_ok else []
+    shapes = shapes_of(model) if grid_ok and model.impls else []
     for dim, heads in dict.fromkeys((sh.dim, sh.heads) for sh in shapes):
         if dim % heads:
             problems.append(("shapes" if model.shapes else "heads", f"dim {dim} is not divisible by heads {heads}"))
@@ -339,7 +382,8 @@ def parse_suite(data: Any, path: Path | None = None) -> Suite:
                 break
     if problems:
         _raise(problems, where)
-    return Suite(model=model, path=path, entries=entries, raw=data, plugin_paths=plugin_paths)
+    return Suite(model=model, path=path, entries=entries, raw=data, plugin_paths=plugin_paths,
+                 model_entries=model_entries)
 
 
 def load_suite(path: str | Path) -> Suite:
