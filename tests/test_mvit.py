@@ -1,6 +1,9 @@
 """mvit.pool matches timm's MViTv2 MultiScaleAttention given the same weights (in float64), on its
-native grid and, with relative-position tables interpolated as MViTv2 does, on other grids."""
+native grid and, with relative-position tables interpolated as MViTv2 does, on other grids.
+mvit.window (MViTv2's detection backbone) matches a written-out window partition in float64."""
 
+import copy
+import math
 import random
 from functools import partial
 
@@ -12,7 +15,7 @@ from torch import nn
 
 import attnbench
 from conftest import randomize_
-from equivalence import LOW_PRECISION_TOL, assert_low_precision_close, assert_same_function
+from equivalence import LOW_PRECISION_TOL, assert_low_precision_close, assert_same_function, to_float64
 
 
 def _pair(dim, heads, size, pool="conv", kernel=3, stride_q=1, stride_kv=4, rel_pos=True, residual_pooling=True,
@@ -228,3 +231,190 @@ def test_bad_parameters_raise(kwargs):
 def test_heads_must_divide_dim():
     with pytest.raises(ValueError):
         attnbench.create("mvit.pool", dim=30, heads=4)
+
+
+# --- mvit.window: MViTv2's pooling attention inside windows (its detection backbone) ----------------
+
+def _rel_index(q_len, k_len):
+    """MViTv2's (q_len, k_len) index into a 2 * max(q_len, k_len) - 1 table: query i and key j at
+    positions scaled to the finer of the two grids, their difference shifted to start at 0."""
+    q_scale, k_scale = max(k_len / q_len, 1.0), max(q_len / k_len, 1.0)
+    return torch.tensor([[int(i * q_scale - j * k_scale + (k_len - 1) * k_scale) for j in range(k_len)]
+                         for i in range(q_len)])
+
+
+def _window_reference(m, x):
+    """mvit.window written out as MViTv2's detection backbone defines it: Q, K, V projected and pooled
+    over the whole grid (m's own pooling ops), the pooled grids cut by hand into windows of
+    window // stride (zero-padded at bottom/right), attention with the decomposed relative position
+    terms inside each window pair, the windows put back and cropped, residual pooling, proj."""
+    B, H, W, C = x.shape
+    h, d = m.heads, C // m.heads
+    q, k, v = m.qkv(x).reshape(B, H, W, 3, h, d).permute(3, 0, 4, 1, 2, 5)  # each (B, h, H, W, d)
+
+    def pool(t, op, norm):
+        if op is not None:
+            t = op(t.reshape(B * h, H, W, d).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            t = t.reshape(B, h, *t.shape[1:])
+        return norm(t) if norm is not None else t
+
+    q, k, v = pool(q, m.pool_q, m.norm_q), pool(k, m.pool_k, m.norm_k), pool(v, m.pool_v, m.norm_v)
+    mq, mk = m.window // m.stride_q, m.window // m.stride_kv
+    (qh, qw), (kh, kw) = q.shape[2:4], k.shape[2:4]
+    nh, nw = -(-qh // mq), -(-qw // mq)
+    assert (nh, nw) == (-(-kh // mk), -(-kw // mk))
+
+    def padded(t, size):
+        out = t.new_zeros(B, h, nh * size, nw * size, d)
+        out[:, :, :t.shape[2], :t.shape[3]] = t
+        return out
+
+    qp, kp, vp = padded(q, mq), padded(k, mk), padded(v, mk)
+    if m.rel_pos:
+        length = 2 * max(mq, mk) - 1
+        rh = _interpolate_rel_pos(m.rel_pos_h, length)[_rel_index(mq, mk)]  # (mq, mk, d)
+        rw = _interpolate_rel_pos(m.rel_pos_w, length)[_rel_index(mq, mk)]
+    out = torch.zeros_like(qp)
+    for a in range(nh):
+        for b in range(nw):
+            qwin = qp[:, :, a * mq:(a + 1) * mq, b * mq:(b + 1) * mq]  # (B, h, mq, mq, d)
+            kwin = kp[:, :, a * mk:(a + 1) * mk, b * mk:(b + 1) * mk]  # (B, h, mk, mk, d)
+            vwin = vp[:, :, a * mk:(a + 1) * mk, b * mk:(b + 1) * mk].reshape(B, h, mk * mk, d)
+            logits = torch.einsum("bhijd,bhkld->bhijkl", qwin * d ** -0.5, kwin)
+            if m.rel_pos:  # query (i, j), key (k, l): q . Rh[i, k] + q . Rw[j, l]
+                logits = (logits + torch.einsum("bhijd,ikd->bhijk", qwin, rh)[..., :, None]
+                          + torch.einsum("bhijd,jld->bhijl", qwin, rw)[..., None, :])
+            attn = logits.reshape(B, h, mq, mq, mk * mk).softmax(-1)
+            out[:, :, a * mq:(a + 1) * mq, b * mq:(b + 1) * mq] = torch.einsum("bhijn,bhnd->bhijd", attn, vwin)
+    out = out[:, :, :qh, :qw]
+    if m.residual_pooling:
+        out = out + q
+    return m.proj(out.permute(0, 2, 3, 1, 4).reshape(B, qh, qw, C))
+
+
+def _per_window_pool(m, x):
+    """The input cut by hand into window x window tiles (the grid must be divisible), ``mvit.pool``
+    with m's weights run on each tile, the outputs put side by side."""
+    B, H, W, C = x.shape
+    M, mq = m.window, m.window // m.stride_q
+    assert H % M == 0 and W % M == 0
+    pool = attnbench.create("mvit.pool", dim=m.dim, heads=m.heads, pool=m.pool_mode, kernel=m.kernel,
+                            stride_q=m.stride_q, stride_kv=m.stride_kv, rel_pos=m.rel_pos,
+                            residual_pooling=m.residual_pooling, rel_pos_size=m.rel_pos_size).to(x.dtype).eval()
+    pool.load_state_dict(m.state_dict(), strict=True)
+    out = x.new_zeros(B, H // m.stride_q, W // m.stride_q, C)
+    for a in range(H // M):
+        for b in range(W // M):
+            out[:, a * mq:(a + 1) * mq, b * mq:(b + 1) * mq] = pool(x[:, a * M:(a + 1) * M, b * M:(b + 1) * M])
+    return out
+
+
+def _window(heads=2, seed=0, **kwargs):
+    return randomize_(attnbench.create("mvit.window", dim=8 * heads, heads=heads, **kwargs), seed=seed).eval()
+
+
+def _random_window_cases(n, seed):
+    """(pool, heads, kernel, stride_q, stride_kv, window, rel_pos_size, rel_pos, residual_pooling, h, w):
+    windows multiples of both strides, grids divisible by the window or not, smaller than it too."""
+    rng = random.Random(seed)
+    cases = [("conv", 2, 3, 1, 4, 8, 56, True, True, 16, 24),  # detectron2's stage-1 shape, scaled down
+             ("conv", 2, 3, 2, 2, 4, 16, True, True, 13, 9),  # query pooling, ragged grid
+             ("max", 1, 3, 1, 1, 3, 16, True, False, 7, 10),
+             ("conv", 4, 5, 2, 4, 4, 8, True, True, 3, 2)]  # grid smaller than one window
+    while len(cases) < n:
+        stride_q, stride_kv = rng.choice([1, 1, 2]), rng.choice([1, 2, 4])
+        unit = math.lcm(stride_q, stride_kv)
+        window = unit * rng.randint(1, max(1, 8 // unit))
+        cases.append((rng.choice(["conv", "avg", "max"]), rng.choice([1, 2, 4]), rng.choice([1, 2, 3, 5]), stride_q,
+                      stride_kv, window, rng.choice([8, 16, 56]), rng.random() < 0.8, rng.random() < 0.5,
+                      rng.randint(1, 20), rng.randint(1, 20)))
+    return cases
+
+
+@pytest.mark.parametrize("pool,heads,kernel,stride_q,stride_kv,window,rel_pos_size,rel_pos,residual_pooling,h,w",
+                         _random_window_cases(16, seed=21))
+def test_window_equals_hand_partition(pool, heads, kernel, stride_q, stride_kv, window, rel_pos_size, rel_pos,
+                                      residual_pooling, h, w, rand):
+    m = _window(heads, seed=h * w + window, pool=pool, kernel=kernel, stride_q=stride_q, stride_kv=stride_kv,
+                window=window, rel_pos_size=rel_pos_size, rel_pos=rel_pos, residual_pooling=residual_pooling)
+    x = torch.randn(2, h, w, 8 * heads, generator=rand)
+    y, _ = assert_same_function(m, m, x, call_b=_window_reference)
+    assert y.shape == (2, *m.output_size(h, w), 8 * heads) == (2, *attnbench.create(
+        "mvit.pool", dim=8 * heads, heads=heads, kernel=kernel, stride_q=stride_q).output_size(h, w), 8 * heads)
+
+
+@pytest.mark.parametrize("pool,stride_q,stride_kv,window,tiles", [("conv", 1, 4, 8, (2, 3)), ("conv", 2, 2, 4, (3, 2)),
+                                                                  ("avg", 1, 2, 6, (2, 2)), ("max", 2, 4, 4, (1, 3)),
+                                                                  ("conv", 1, 1, 5, (2, 2))])
+def test_window_is_mvit_pool_per_window_when_pooling_stays_inside(pool, stride_q, stride_kv, window, tiles, rand):
+    """With a 1 x 1 pooling kernel (strided sampling, nothing reaching across a window border) on a
+    grid divisible by the window, the function is mvit.pool run on each window with the same weights."""
+    m = _window(2, seed=window, pool=pool, kernel=1, stride_q=stride_q, stride_kv=stride_kv, window=window,
+                rel_pos_size=16)
+    x = torch.randn(2, tiles[0] * window, tiles[1] * window, 16, generator=rand)
+    assert_same_function(m, m, x, call_b=_per_window_pool)
+
+
+@pytest.mark.parametrize("pool,kernel", [("conv", 3), ("avg", 3), ("max", 5)])
+def test_one_window_is_mvit_pool(pool, kernel, rand):
+    """A grid of exactly one window is mvit.pool (same state_dict, loaded strictly both ways)."""
+    m = _window(2, seed=1, pool=pool, kernel=kernel, stride_q=2, stride_kv=4, window=8, rel_pos_size=16)
+    x = torch.randn(2, 8, 8, 16, generator=rand)
+    assert_same_function(m, m, x, call_b=_per_window_pool)
+    other = attnbench.create("mvit.pool", dim=16, heads=2, pool=pool, kernel=kernel, stride_q=2, rel_pos_size=16)
+    m.load_state_dict(other.state_dict(), strict=True)
+
+
+def test_pooling_runs_over_the_whole_grid(rand):
+    """As in detectron2, Q/K/V are pooled before the grid is cut: a 3 x 3 conv at a window border sees the
+    next window, so the function is not mvit.pool per window (which the hand partition does follow)."""
+    m = _window(2, seed=3, kernel=3, stride_q=1, stride_kv=2, window=4, rel_pos_size=16)
+    x = torch.randn(1, 8, 8, 16, generator=rand)
+    assert_same_function(m, m, x, call_b=_window_reference)
+    with pytest.raises(AssertionError, match="differ in float64"):
+        assert_same_function(m, m, x, call_b=_per_window_pool)
+
+
+def test_window_mask_is_caught(rand):
+    """A reference with windows of window + stride (another partition) does not match."""
+    m = _window(2, seed=4, kernel=3, stride_kv=2, window=4, rel_pos_size=16)
+    wider = copy.deepcopy(m)
+    wider.window = 6
+    x = torch.randn(1, 12, 12, 16, generator=rand)
+    with pytest.raises(AssertionError, match="differ in float64"):
+        assert_same_function(m, wider, x, call_b=_window_reference)
+
+
+def test_window_locality(rand):
+    """Without pooling (kernel 1, strides 1) a changed token changes exactly the outputs of its window."""
+    m = to_float64(_window(2, seed=5, kernel=1, stride_kv=1, window=4, rel_pos_size=16))
+    x = torch.randn(1, 10, 7, 16, generator=rand, dtype=torch.float64)
+    x2 = x.clone()
+    x2[0, 5, 2] += 1.0
+    with torch.no_grad():
+        diff = (m(x2) - m(x)).abs().amax(-1)[0]  # (10, 7)
+    inside = torch.zeros(10, 7, dtype=torch.bool)
+    inside[4:8, 0:4] = True
+    assert (diff[inside] > 0).all() and (diff[~inside] == 0).all()
+
+
+@pytest.mark.parametrize("kwargs", [{"window": 0}, {"window": 6, "stride_kv": 4}, {"window": 3, "stride_q": 2},
+                                    {"pool": "mean"}, {"stride_q": 0}])
+def test_window_bad_parameters_raise(kwargs):
+    with pytest.raises(ValueError):
+        attnbench.create("mvit.window", dim=32, heads=2, **kwargs)
+
+
+def test_window_flops_and_meta(rand):
+    from attnbench.measure import flops as flops_mod
+    for b, h, w, kwargs in [(2, 9, 13, {"window": 8, "stride_q": 2}), (1, 16, 16, {"window": 4, "stride_kv": 2}),
+                            (1, 7, 5, {"pool": "avg", "window": 8})]:
+        def build(kwargs=kwargs):
+            return attnbench.create("mvit.window", dim=32, heads=2, **kwargs)
+        analytic = build().flops_analytic(b, h, w)
+        assert flops_mod.count_flops(build, (b, h, w, 32), torch.float32)["flops_torch"] == analytic
+        assert 2 * flops_mod.count_fvcore(build().eval(), torch.randn(b, h, w, 32))["macs_fvcore_matmul"] == analytic
+    with torch.device("meta"):
+        m = attnbench.create("mvit.window", dim=48, heads=3, stride_q=2, window=8)
+        y = m(torch.empty(2, 17, 12, 48, device="meta"))
+    assert y.shape == (2, 9, 6, 48) and y.device.type == "meta"

@@ -9,6 +9,8 @@ timm's ``mvitv2.MultiScaleAttention`` so its weights load directly.
 
 Cost (2 FLOPs per MAC, N = HW input tokens, C = dim, k = pool kernel): qkv 6NC^2 + pooling convs
 2k^2C(Nq + 2Nk) (conv mode) + relative position 2NqC(kh + kw) + attention 4NqNkC + proj 2NqC^2.
+
+``mvit.window`` is the same module with the pooled grids cut into windows (MViTv2's detection backbone).
 """
 
 from __future__ import annotations
@@ -161,4 +163,108 @@ class MViTPoolAttention(nn.Module):
                                            + (2 * nk if self.pool_k is not None else 0))
         if self.rel_pos:
             flops += 2 * batch * nq * c * (kh + kw)
+        return flops
+
+
+def _to_windows(t: torch.Tensor, height: int, width: int, window: int) -> torch.Tensor:
+    """t (B, h, height*width, d) -> (B*nW, h, window^2, d): the grid zero-padded at bottom/right to
+    multiples of ``window`` and cut into non-overlapping windows, row-major within each image."""
+    B, h, _, d = t.shape
+    t = t.reshape(B, h, height, width, d)
+    pad_h, pad_w = -height % window, -width % window
+    if pad_h or pad_w:
+        t = F.pad(t, (0, 0, 0, pad_w, 0, pad_h))
+    nh, nw = (height + pad_h) // window, (width + pad_w) // window
+    t = t.reshape(B, h, nh, window, nw, window, d).permute(0, 2, 4, 1, 3, 5, 6)  # (B, nh, nw, h, M, M, d)
+    return t.reshape(B * nh * nw, h, window * window, d)
+
+
+def _from_windows(t: torch.Tensor, height: int, width: int, window: int) -> torch.Tensor:
+    """The inverse of :func:`_to_windows`, cropped: (B*nW, h, window^2, d) -> (B, h, height*width, d)."""
+    _, h, _, d = t.shape
+    nh, nw = -(-height // window), -(-width // window)
+    t = t.reshape(-1, nh, nw, h, window, window, d).permute(0, 3, 1, 4, 2, 5, 6)  # (B, h, nh, M, nw, M, d)
+    t = t.reshape(-1, h, nh * window, nw * window, d)[:, :, :height, :width]
+    return t.reshape(-1, h, height * width, d)
+
+
+@register("mvit.window", family="mvit", algorithm="mvit.window")
+class MViTWindowAttention(MViTPoolAttention):
+    """MViTv2 pooling attention within non-overlapping windows, as MViTv2's detection backbone computes it.
+
+    As detectron2's ``MultiScaleAttention`` with ``window_size`` (modeling/backbone/mvit.py): Q, K, V
+    are projected and pooled over the WHOLE grid exactly as ``mvit.pool`` does (so a pooling kernel
+    reaches across window borders), and only then cut into windows: the pooled query grid into
+    Mq x Mq windows, Mq = window // stride_q, the pooled key/value grid into Mk x Mk windows,
+    Mk = window // stride_kv, each zero-padded at bottom/right to whole windows (after pooling and
+    normalisation: a padded key is a zero vector that still takes part in the softmax, with logit
+    0 plus its relative-position term). Query window i attends to key window i only, with MViTv2's
+    decomposed relative position terms over the positions inside the windows (tables of
+    2 * max(Mq, Mk) - 1 entries, linearly interpolated from the ``rel_pos_size`` ones when the length
+    differs). The windows' outputs are put back and cropped to the pooled query grid, the pooled
+    queries (whole grid) are added (residual pooling) and ``proj`` applied. Same parameters and
+    state_dict layout as ``mvit.pool`` plus ``window``; the output grid is mvit.pool's. As in
+    ``mvit.pool`` (timm's convention), a kernel of 1 at stride 1 skips that pooling and its norm, where
+    detectron2 would keep a 1 x 1 conv and LayerNorm (its models use kernel 3).
+
+    ``window`` must be a multiple of ``stride_q`` and ``stride_kv`` (detectron2's stages use 56, 28,
+    14, 7 with kv strides 4, 2, 1, 1 and query stride 1 or 2; detectron2 floors window // stride and
+    would misalign query and key windows otherwise). Then both pooled grids make the same number of
+    windows on every grid: ceil(H / window) per side for an odd kernel (a side pools to
+    ceil(H / stride)), floor(H / window) + 1 for an even one (floor(H / stride) + 1).
+
+    Cost (nW windows per image, C = dim): mvit.pool's qkv, pooling and proj terms, attention
+    4 nW Mq^2 Mk^2 C and relative position 2 nW Mq^2 C (2 Mk), padded windows included.
+    """
+
+    def __init__(self, dim: int, heads: int, pool: str = "conv", kernel: int = 3, stride_q: int = 1,
+                 stride_kv: int = 4, window: int = 56, rel_pos: bool = True, residual_pooling: bool = True,
+                 qkv_bias: bool = True, rel_pos_size: int = 56):
+        super().__init__(dim, heads, pool=pool, kernel=kernel, stride_q=stride_q, stride_kv=stride_kv,
+                         rel_pos=rel_pos, residual_pooling=residual_pooling, qkv_bias=qkv_bias,
+                         rel_pos_size=rel_pos_size)
+        if window < 1 or window % stride_q or window % stride_kv:
+            raise ValueError(f"window must be a positive multiple of stride_q ({stride_q}) and stride_kv "
+                             f"({stride_kv}), got {window}")
+        self.window = window
+        self.window_q, self.window_kv = window // stride_q, window // stride_kv
+
+    def _num_windows(self, height: int, width: int) -> int:
+        """Windows per image for an H x W input grid (the query and the key/value grids make as many)."""
+        qh, qw = self.output_size(height, width)
+        return -(-qh // self.window_q) * -(-qw // self.window_q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, W, C) -> (B, H', W', C), (H', W') the pooled query grid (H, W when stride_q is 1)."""
+        B, H, W, C = x.shape
+        h, d = self.heads, self.head_dim
+        mq, mk = self.window_q, self.window_kv
+        qkv = self.qkv(x.reshape(B, H * W, C)).reshape(B, H * W, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d)
+        q = self._pool(q, H, W, self.pool_q, self.norm_q)  # (B, h, Nq, d), over the whole grid
+        k = self._pool(k, H, W, self.pool_k, self.norm_k)  # (B, h, Nk, d)
+        v = self._pool(v, H, W, self.pool_v, self.norm_v)
+        (qh, qw), (kh, kw) = self.output_size(H, W), self._kv_size(H, W)
+        qw_ = _to_windows(q, qh, qw, mq)  # (B*nW, h, Mq^2, d)
+        kw_, vw_ = _to_windows(k, kh, kw, mk), _to_windows(v, kh, kw, mk)  # (B*nW, h, Mk^2, d)
+        bias = self._rel_pos_bias(qw_, (mq, mq), (mk, mk)) if self.rel_pos else None
+        out = _from_windows(attention_sdpa(qw_, kw_, vw_, bias), qh, qw, mq)  # (B, h, Nq, d)
+        if self.residual_pooling:
+            out = out + q
+        out = out.transpose(1, 2).reshape(B, qh, qw, C)
+        return self.proj(out)
+
+    def flops_analytic(self, batch: int, height: int, width: int) -> int:
+        (qh, qw), (kh, kw) = self.output_size(height, width), self._kv_size(height, width)
+        n, nq, nk, c = height * width, qh * qw, kh * kw, self.dim
+        mq, mk = self.window_q, self.window_kv
+        windows = batch * self._num_windows(height, width)
+        flops = (batch * (linear_flops(n, c, 3 * c) + linear_flops(nq, c, c))
+                 + attention_flops(windows, mq * mq, mk * mk, c))
+        if self.pool_mode == "conv":  # depthwise over the whole grid: k^2 MACs per output element
+            k2 = self.kernel ** 2
+            flops += 2 * batch * c * k2 * ((nq if self.pool_q is not None else 0)
+                                           + (2 * nk if self.pool_k is not None else 0))
+        if self.rel_pos:
+            flops += 2 * windows * mq * mq * c * (2 * mk)
         return flops
