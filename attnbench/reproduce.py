@@ -50,6 +50,14 @@ TARGETS: dict[str, Target] = {
                                   "timing": {"warmup_s": 0.1, "target_s": 0.5, "min_repeats": 3, "max_repeats": 10},
                                   "budget": {"cell_time_s": 40, "memory_fraction": 0.6}}},
         cpu_note="on a CPU: batch 1 and Swin-T only (the paper: one V100, batch 64, Swin-T/S/B)"),
+    "nat-speed": Target(
+        ("local_vs_window.yaml",), tables_mod.nat_speed,
+        cpu={"local_vs_window.yaml": {"batch": 1, "resolution": [28, 112, 224]}},
+        cpu_note="on a CPU: batch 1, 7x7 to 56x56 tokens (NATTEN's figures: GPU)"),
+    "slide-speed": Target(
+        ("local_attention.yaml",), tables_mod.slide_speed,
+        cpu={"local_attention.yaml": {"resolution": [224, 384]}},
+        cpu_note="on a CPU: 224 and 384 px (the paper's figure: whole models on an iPhone 12)"),
 }
 
 

@@ -87,3 +87,32 @@ def test_cpu_cut_of_the_suites():
 def test_unknown_table_is_a_typed_error():
     with pytest.raises(ReproduceError, match="swin-table5"):
         target("swin-table9")
+
+
+def _ms_rows(entries):
+    return [make_row(impl=impl, label=impl, resolution=res, latency_ms_median=ms, latency_ms_samples=[ms],
+                     params=params or {})
+            for impl, res, ms, params in entries]
+
+
+def test_nat_speed_relative_to_swin_shifted_windows():
+    rows = _ms_rows([("swin.shift_cyclic", 224, 2.0, None), ("local.neighborhood_naive", 224, 10.0, None),
+                     ("local.neighborhood", 224, 4.0, None), ("local.neighborhood_flex", 224, 1.6, None),
+                     ("swin.shift_cyclic", 320, 3.0, None), ("local.neighborhood", 320, 6.0, None)])
+    (table,) = R.nat_speed(rows, PAPER)
+    by = {(ln.column, ln.method): ln for ln in table.lines}
+    assert by["56x56 tokens", "unfold_naive"].paper_ratio == 0.13
+    assert by["56x56 tokens", "unfold_naive"].measured_ratio == 0.2
+    assert by["56x56 tokens", "natten_cuda"].measured_ratio == 1.25  # the fastest form: flex
+    assert by["56x56 tokens", "natten_cuda"].source == "local.neighborhood_flex"
+    assert ("80x80 tokens", "unfold_naive") not in by  # NATTEN gives no naive figure there
+    assert by["80x80 tokens", "natten_cuda"].measured_ratio == 0.5
+
+
+def test_slide_speed_per_kernel():
+    rows = _ms_rows([("local.im2col", 224, 6.0, {"kernel": 3}), ("local.slide", 224, 2.0, {"kernel": 3}),
+                     ("local.im2col", 224, 9.0, {"kernel": 5})])
+    (table,) = R.slide_speed(rows, PAPER)
+    assert [(ln.column, ln.method, ln.measured_ratio) for ln in table.lines] == [
+        ("k=3, 224 px", "im2col", 1.0), ("k=3, 224 px", "slide", 3.0)]
+    assert table.lines[1].paper_ratio == 3.9

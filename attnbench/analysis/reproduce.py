@@ -154,6 +154,71 @@ def swin_table8(rows: list[dict[str, Any]], paper: dict[str, Any] | None = None)
                   _batch_notes(ok))] if lines else []
 
 
+def _speed_line(column: str, method: str, label: str, paper_ratio: float, design: dict[str, Any] | None,
+                reference: dict[str, Any] | None) -> Line:
+    """A line whose paper figure is itself a speed ratio: measured = the design's ms, ratio = ref ms / ms."""
+    ms = design["latency_ms_median"] if design else math.nan
+    ref_ms = reference["latency_ms_median"] if reference else math.nan
+    return Line(column, method, label, paper_ratio, ms, paper_ratio, ref_ms / ms if ms == ms and ms else math.nan,
+                source=design["label"] if design else "not measured")
+
+
+NAT_NAIVE = ("local.neighborhood_naive",)
+NAT_FAST = ("local.neighborhood", "local.neighborhood_flex")
+
+
+def nat_speed(rows: list[dict[str, Any]], paper: dict[str, Any] | None = None) -> list[Table]:
+    """NAT's comparison from the rows of ``local_vs_window``: neighbourhood attention's speed relative to
+    Swin's shifted windows (``swin.shift_cyclic``) at each token count, the naive form against NATTEN's
+    pure-torch figures, the fastest form against the range NATTEN's CUDA kernels claim."""
+    spec = (paper or papers())["nat-speed"]
+    ok = [r for r in _ok(rows) if not r.get("model")]
+    lines = []
+    for side in sorted({int(r["grid_h"]) for r in ok if r.get("grid_h") == r.get("grid_w")}):
+        at = [r for r in ok if r.get("grid_h") == side and r.get("grid_w") == side]
+        swin = _fastest([r for r in at if r.get("impl") == "swin.shift_cyclic"])
+        if swin is None:
+            continue
+        column = f"{side}x{side} tokens"
+        lines.append(_speed_line(column, "swin", "Swin shifted window (reference)", 1.0, swin, swin))
+        naive = spec["rows"]["unfold_naive"]["by_tokens"].get(side * side)
+        if naive is not None:
+            lines.append(_speed_line(column, "unfold_naive", spec["rows"]["unfold_naive"]["label"], naive,
+                                     _fastest([r for r in at if r.get("impl") in NAT_NAIVE]), swin))
+        lo, hi = spec["rows"]["natten_cuda"]["range"]
+        lines.append(_speed_line(column, "natten_cuda", f"{spec['rows']['natten_cuda']['label']} ({lo}-{hi}x)",
+                                 (lo + hi) / 2, _fastest([r for r in at if r.get("impl") in NAT_FAST]), swin))
+    lines = [ln for ln in lines if any(o.column == ln.column and o.method != "swin" and o.measured == o.measured
+                                       for o in lines)]
+    notes = _batch_notes(ok) + ["paper ratios: NATTEN's figures (the CUDA row: the middle of its stated range); "
+                                "measured: the naive gather form and the fastest of attnbench's exact forms"]
+    return [Table("nat-speed", "NAT: neighbourhood attention's speed relative to Swin's shifted windows", "ms",
+                  lines, kendall(lines), notes)] if lines else []
+
+
+def slide_speed(rows: list[dict[str, Any]], paper: dict[str, Any] | None = None) -> list[Table]:
+    """Slide-Transformer's speed-up of its shifted depthwise convolutions over Im2Col, from the rows of
+    ``local_attention`` (module level, per kernel size, at each resolution's stage-1 shape)."""
+    spec = (paper or papers())["slide-speed"]
+    ok = [r for r in _ok(rows) if not r.get("model")]
+    figure = spec["rows"]["slide_vs_im2col_swin"]
+    lines = []
+    for res in sorted({int(r["resolution"]) for r in ok}):
+        for kernel in sorted({dict(r.get("params") or {}).get("kernel") for r in ok} - {None}):
+            at = [r for r in ok if r["resolution"] == res and dict(r.get("params") or {}).get("kernel") == kernel]
+            im2col = _fastest([r for r in at if r.get("impl") == "local.im2col"])
+            slide = _fastest([r for r in at if r.get("impl") == "local.slide"])
+            if im2col is None or slide is None:
+                continue
+            column = f"k={kernel}, {res} px"
+            lines.append(_speed_line(column, "im2col", "Im2Col (reference)", 1.0, im2col, im2col))
+            lines.append(_speed_line(column, "slide", figure["label"], figure["speedup"], slide, im2col))
+    notes = _batch_notes(ok) + ["the paper's figure is a whole model on an iPhone 12; measured: the attention "
+                                "module alone on this device"]
+    return [Table("slide-speed", "Slide-Transformer: Slide's speed relative to Im2Col", "ms", lines, {},
+                  notes)] if lines else []
+
+
 def _batch_notes(rows: list[dict[str, Any]]) -> list[str]:
     batches = sorted({int(r["batch"]) for r in rows if r.get("batch") == r.get("batch")})
     devices = sorted({str(r.get("device")) for r in rows})
