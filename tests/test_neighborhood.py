@@ -16,6 +16,8 @@ FORMS = ["local.neighborhood_naive", "local.neighborhood"]
 
 
 # --- NATTEN's index rules, written out as NATTEN states them (natten_cpu_commons.h) -----------------
+# get_window_start and get_pb_start, checked term by term against SHI-Labs/NATTEN at commit 63606e6
+# (natten/src/cpp/natten_cpu_commons.h, the 0.14 series with relative position bias; read through fetch).
 
 def natten_window_start(i, length, kernel, dilation):
     r = kernel // 2
