@@ -156,6 +156,20 @@ def find_max_batch(case: Case, module: torch.nn.Module, settings: CellSettings) 
 
 
 
+COMPILED_FLEX = "compiled flex_attention"
+
+
+def check_kernel_path(module: torch.nn.Module) -> None:
+    """Raise :class:`Unsupported` when a FlexAttention form (the module or one inside a whole model)
+    took another path on its first call than compiled flex attention (no backward on CPU, a dtype the
+    compiled kernel lacks): timing it would time a different kernel under the form's name."""
+    for sub in module.modules():
+        path = getattr(sub, "flex_path", "")
+        if path and path != COMPILED_FLEX:
+            raise Unsupported(f"{type(sub).__name__} ran {path}; a FlexAttention form is timed only as compiled "
+                              "flex_attention")
+
+
 class CompileFallback(Exception):
     """torch.compile produced no graph for the cell (it ran eagerly): an ``error`` cell, never silent."""
 

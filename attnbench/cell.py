@@ -33,8 +33,8 @@ import torch
 from . import budget, registry
 from .device import TORCH_DTYPES, apply_globals, empty_cache, is_backend_refusal, is_oom, sdpa_context
 from .job import CellSettings, Job
-from .build import (Unsupported, check_compiled, check_output, check_supports, compile_module, count, find_max_batch,
-                    input_shape, module_builder, random_input)
+from .build import (Unsupported, check_compiled, check_kernel_path, check_output, check_supports, compile_module, count,
+                    find_max_batch, input_shape, module_builder, random_input)
 from .context import CellContext, device_speed_columns, drift_columns, telemetry_columns
 from .measure import cpuload, memory, predict, timing
 from .measure import telemetry as telemetry_mod
@@ -116,11 +116,14 @@ def _wall(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def measure_latency(call: Callable[[], None], case: Case, settings: CellSettings, ctx: CellContext,
-                    row: dict[str, Any], clear_grads: Callable[[], None]) -> Latency:
-    """First call, warm-up, peak memory of one call, timed calls; the non-latency columns go to ``row``."""
+                    row: dict[str, Any], clear_grads: Callable[[], None],
+                    after_first: Callable[[], None] = lambda: None) -> Latency:
+    """First call (then ``after_first``, which may raise), warm-up, peak memory of one call, timed calls;
+    the non-latency columns go to ``row``."""
     device, tm, budget_s = ctx.device, settings.timing, settings.budget.cell_time_s
     # 1. the first call, alone (with compile: the compilation); too slow already -> over budget
     first_s = _wall(call, device)
+    after_first()
     if settings.compile:
         row["compile_s"] = first_s
         check_compiled()
@@ -276,7 +279,8 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
             readings.append(ctx.sentinel())
         t_measure = time.perf_counter()
         with sdpa_context(settings.sdpa_backend):
-            latency = measure_latency(call, case, settings, ctx, row, clear_grads)
+            latency = measure_latency(call, case, settings, ctx, row, clear_grads,
+                                      after_first=lambda: check_kernel_path(module))
         row["measure_s"] = time.perf_counter() - t_measure
         if ctx.sentinel_start:
             readings.append(ctx.sentinel())

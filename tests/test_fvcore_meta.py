@@ -54,6 +54,11 @@ def test_meta_counts_equal_real_counts(name, params):
             meta = copy.deepcopy(real).to("meta")
             counted_meta = F.count_fvcore(meta, torch.empty(b, h, w, dim, device="meta"))
             counted_real = F.count_fvcore(real, torch.randn(b, h, w, dim))
+            unavailable = getattr(real, "fvcore_unavailable", None)
+            if unavailable:  # the flex forms: jit.trace cannot record flex_attention; NaN with the reason on both
+                for c in (counted_meta, counted_real):
+                    assert c["macs_fvcore"] != c["macs_fvcore"] and unavailable[:60] in c["fvcore_message"], c
+                continue
             assert counted_meta["fvcore_device"] == "meta" and counted_meta["fvcore_message"] == ""
             assert counted_real["fvcore_device"] == "cpu" and counted_real["macs_fvcore"] > 0
             assert {k: counted_meta[k] for k in KEYS} == {k: counted_real[k] for k in KEYS}, (name, params, merged)

@@ -51,6 +51,7 @@ from torch import nn
 
 from ..registry import register
 from ._common import attention_flops, check_heads, linear_flops
+from ._flex import FlexPlans, run_flex
 
 
 def window_starts(length: int, kernel: int, dilation: int) -> list[tuple[int, int, int]]:
@@ -253,6 +254,79 @@ class Neighborhood(_NeighborhoodAttention):
         pr = sum(n * t * T for _, _, n, t, T, *_ in rows)
         pc = sum(n * t * T for _, _, n, t, T, *_ in cols)
         return pr * pc
+
+    def flops_analytic(self, batch: int, height: int, width: int) -> int:
+        return self._linear_flops(batch, height, width) + 4 * batch * self.dim * self.computed_pairs(height, width)
+
+
+def nat_flex_rule(height: int, width: int, kernel: int, dilation: int):
+    """(mask_fn, bias_index_fn) on row-major token indices of the H x W grid: the clamped dilated windows
+    and NATTEN's bias index of the module docstring, per axis; ``bias_index_fn`` gives (row, col) indices
+    into ``rpb[head]``, clamped to [0, 2k-2] (only masked pairs are ever outside)."""
+    k, d, r = kernel, dilation, kernel // 2
+
+    def axis(i, length):  # (group, number in group, window start in group numbers)
+        g, ig = i % d, i // d
+        lg = (length - g + d - 1) // d
+        return g, ig, torch.minimum((ig - r).clamp(min=0), lg - k)
+
+    def mask_fn(q_idx, kv_idx):
+        ok = None
+        for qa, ka, length in ((q_idx // width, kv_idx // width, height), (q_idx % width, kv_idx % width, width)):
+            g, _, s = axis(qa, length)
+            kg = ka // d
+            m = (ka % d == g) & (kg >= s) & (kg < s + k)
+            ok = m if ok is None else ok & m
+        return ok
+
+    def bias_index(q_idx, kv_idx):
+        out = []
+        for qa, ka in ((q_idx // width, kv_idx // width), (q_idx % width, kv_idx % width)):
+            out.append((ka // d - qa // d + k - 1).clamp(0, 2 * k - 2))
+        return out
+
+    return mask_fn, bias_index
+
+
+@register("local.neighborhood_flex", family="local", algorithm="local.neighborhood")
+class NeighborhoodFlex(FlexPlans, _NeighborhoodAttention):
+    """Neighbourhood attention (NAT/DiNAT) by FlexAttention on the whole grid: clamped dilated windows as a block mask, NATTEN bias as score_mod.
+
+    x (B, H, W, C) -> (B, H, W, C); same function and state_dict as ``local.neighborhood_naive``; needs
+    kernel * dilation <= H and <= W. One flex call over the N = H*W tokens (row-major), run as
+    :func:`attnbench.impls._flex.run_flex` describes. FLOPs: ``flops_analytic`` counts the blocks the
+    kernel COMPUTES (128 x 128 tiles of the (N, N) scores holding an allowed pair, edge tiles
+    truncated), 4 C B * computed_pairs plus the linears (torch's counter on meta gives the same);
+    ``flops_useful`` the unmasked pairs, 4 N K C. fvcore cannot trace flex (NaN + message).
+    """
+
+    def __init__(self, dim: int, heads: int, kernel: int = 7, dilation: int = 1, qkv_bias: bool = True):
+        super().__init__(dim, heads, kernel, dilation, qkv_bias)
+        self._init_flex()
+
+    def _plan(self, height: int, width: int, device="cpu"):
+        mask_fn = nat_flex_rule(height, width, self.kernel, self.dilation)[0]
+        n = height * width
+        return self._flex_plan((height, width, self.kernel, self.dilation), mask_fn, n, n, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        self._check(H, W)
+        h, d, N = self.heads, self.head_dim, H * W
+        qkv = self.qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d), q unscaled
+        bias_index = nat_flex_rule(H, W, self.kernel, self.dilation)[1]
+        rpb = self.rpb
+
+        def score_mod(score, b, head, q_idx, kv_idx):
+            ir, ic = bias_index(q_idx, kv_idx)
+            return score + rpb[head, ir, ic]
+
+        out = run_flex(self, qkv[0], qkv[1], qkv[2], self._plan(H, W, x.device), score_mod)  # (B, h, N, d)
+        return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
+
+    def computed_pairs(self, height: int, width: int) -> int:
+        """Query-key pairs in the 128 x 128 blocks computed, per image."""
+        return self._plan(height, width).computed_pairs
 
     def flops_analytic(self, batch: int, height: int, width: int) -> int:
         return self._linear_flops(batch, height, width) + 4 * batch * self.dim * self.computed_pairs(height, width)

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..registry import register
 from ._common import attention_flops, attention_sdpa, check_heads, linear_flops
+from ._flex import FlexPlans, run_flex
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -228,3 +229,102 @@ class SwinShiftCyclic(_ShiftedSwin):
         x = torch.roll(pad_to_multiple(x, self.window), shifts=(-s, -s), dims=(1, 2))  # (B, Hp, Wp, C)
         out = self._window_attention(x, self._mask(x))
         return torch.roll(out, shifts=(s, s), dims=(1, 2))[:, :H, :W]
+
+
+def swin_flex_rule(hp: int, wp: int, window: int, shift: int):
+    """(mask_fn, rel_index_fn, region_fn) on row-major token indices of the (Hp, Wp) padded grid, in Swin's
+    cyclic coordinates: position i on an axis of length L sits at ``(i - shift) mod L`` after the roll
+    (shift 0: W-MSA). Allowed: the same rolled window; relative index: the pair's offset within the
+    rolled window, row of the ((2M-1)^2, heads) table; region (0, 1, 2 per axis, as
+    :func:`cyclic_shift_mask`): pairs of different regions get -100, as in ``swin.shift_cyclic``."""
+    M, s = window, shift
+
+    def rolled(idx):
+        return (idx // wp - s) % hp, (idx % wp - s) % wp
+
+    def mask_fn(q_idx, kv_idx):
+        (qi, qj), (ki, kj) = rolled(q_idx), rolled(kv_idx)
+        return (qi // M == ki // M) & (qj // M == kj // M)
+
+    def rel_index(q_idx, kv_idx):
+        (qi, qj), (ki, kj) = rolled(q_idx), rolled(kv_idx)
+        return (qi % M - ki % M + M - 1) * (2 * M - 1) + (qj % M - kj % M + M - 1)
+
+    def region(idx):
+        i, j = rolled(idx)
+        return 3 * ((i >= hp - M).long() + (i >= hp - s).long()) + (j >= wp - M).long() + (j >= wp - s).long()
+
+    return mask_fn, rel_index, region
+
+
+class _SwinFlex(FlexPlans):
+    """FlexAttention over the whole (Hp, Wp) grid (zero-padded to multiples of M before ``qkv``, as Swin
+    does): one flex call, block mask = the (rolled) windows, ``score_mod`` = table lookup (+ -100 across
+    regions when shifted). No window partition, no roll: each query is computed at its own position.
+
+    FLOPs: ``flops_analytic`` counts the blocks the kernel COMPUTES (128 x 128 tiles of the (Hp Wp)^2
+    score matrix holding an allowed pair, edge tiles truncated), 4 C B * computed_pairs, plus the
+    linears on Hp*Wp tokens (what torch's counter gives on meta); ``flops_useful`` the unmasked pairs,
+    Hp Wp M^2 per image: the window form's count. fvcore cannot trace flex (NaN + message).
+    """
+
+    shift = 0
+
+    def _rules(self, hp, wp):
+        return swin_flex_rule(hp, wp, self.window, self.shift)
+
+    def _plan(self, hp: int, wp: int, device="cpu"):
+        return self._flex_plan((hp, wp), self._rules(hp, wp)[0], hp * wp, hp * wp, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        x = pad_to_multiple(x, self.window)
+        _, Hp, Wp, _ = x.shape
+        h, d, n = self.heads, self.head_dim, Hp * Wp
+        q, k, v = self.qkv(x).reshape(B, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d)
+        _, rel_index, region = self._rules(Hp, Wp)
+        table, shifted = self.relative_position_bias_table, self.shift > 0
+
+        def score_mod(score, b, head, q_idx, kv_idx):
+            score = score + table[rel_index(q_idx, kv_idx), head]
+            if shifted:
+                score = score - 100.0 * (region(q_idx) != region(kv_idx)).to(score.dtype)
+            return score
+
+        out = run_flex(self, q, k, v, self._plan(Hp, Wp, x.device), score_mod)  # (B, h, N, d)
+        out = self.proj(out.transpose(1, 2).reshape(B, Hp, Wp, C))
+        return out[:, :H, :W]
+
+    def computed_pairs(self, height: int, width: int) -> int:
+        """Query-key pairs in the 128 x 128 blocks computed, per image, on the padded grid."""
+        M = self.window
+        return self._plan(-(-height // M) * M, -(-width // M) * M).computed_pairs
+
+    def flops_analytic(self, batch: int, height: int, width: int) -> int:
+        M, c = self.window, self.dim
+        n = -(-height // M) * M * -(-width // M) * M
+        return (batch * (linear_flops(n, c, 3 * c) + linear_flops(n, c, c))
+                + 4 * batch * c * self.computed_pairs(height, width))
+
+    def flops_useful(self, batch: int, height: int, width: int) -> int:
+        """FLOPs over the M^2 keys of each query's window (the unmasked pairs), linears included."""
+        return _SwinAttention.flops_analytic(self, batch, height, width)
+
+
+@register("swin.window_flex", family="swin", algorithm="swin.window")
+class SwinWindowFlex(_SwinFlex, _SwinAttention):
+    """Swin W-MSA by FlexAttention on the whole grid: window block mask, relative position bias as score_mod."""
+
+    def __init__(self, dim: int, heads: int, window: int = 7, qkv_bias: bool = True):
+        super().__init__(dim, heads, window, qkv_bias)
+        self._init_flex()
+
+
+@register("swin.shift_flex", family="swin", algorithm="swin.shift")
+class SwinShiftFlex(_SwinFlex, _ShiftedSwin):
+    """Swin SW-MSA by FlexAttention on the whole grid: cyclic-shift windows as a block mask, -100 across regions, no roll."""
+
+    def __init__(self, dim: int, heads: int, window: int = 7, shift: int = -1, qkv_bias: bool = True):
+        super().__init__(dim, heads, window, shift, qkv_bias)
+        self._init_flex()
