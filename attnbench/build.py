@@ -7,6 +7,7 @@ implementation's ``supports``, the output contract), and counted (parameters, th
 from __future__ import annotations
 
 import gc
+import json
 from typing import Any, Callable
 
 import torch
@@ -45,7 +46,8 @@ def module_builder(case: Case) -> Callable[[], torch.nn.Module]:
 
         rules = rules_from_json(case.attention)
         merge = case.mode == "forward"
-        return lambda: build_model(case.model, case.resolution, rules, merge)[0]
+        kwargs = json.loads(case.model_kwargs) if case.model_kwargs else None
+        return lambda: build_model(case.model, case.resolution, rules, merge, kwargs)[0]
     spec = registry.get_spec(case.impl)
     params = dict(case.params)
     merge = case.mode == "forward" and spec.has("reparameterize")

@@ -62,7 +62,7 @@ def base_row(case: Case) -> dict[str, Any]:
         "patch": case.patch, "shape": case.shape, "tokens": case.tokens, "grid_h": case.grid_h, "grid_w": case.grid_w,
         "batch": case.batch, "dim": case.dim, "heads": case.heads, "dtype": case.dtype, "mode": case.mode,
         "device": case.device, "params": dict(case.params), "status": Status.OK.value, "message": "",
-        "model": case.model, "attention": case.attention, "cell_id": case.cell_id,
+        "model": case.model, "attention": case.attention, "model_kwargs": case.model_kwargs, "cell_id": case.cell_id,
         "cpu_threads": torch.get_num_threads(), "schema_version": SCHEMA_VERSION,
     }
 

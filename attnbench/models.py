@@ -20,7 +20,14 @@ Supported model kinds, by timm name prefix, and how the swap reaches each block'
 - ``vit``: ``Block.attn(x (B, N, C))``, N = class token + grid. Global designs (``mha.*``,
   ``performer.*``) take the whole sequence, class token included, as a 1 x N grid (attention over all
   tokens does not depend on their layout). Designs that need the 2-D grid are refused where the model
-  has a class token: there is no grid position for it.
+  has a class token (there is no grid position for it); build the model without one
+  (``kwargs: {class_token: false, global_pool: avg}``) to swap them in. Roles: ``window`` (even
+  blocks) and ``shifted`` (odd blocks), and ``global`` for the last block of each quarter of the
+  depth (blocks 2, 5, 8, 11 of 12: where ViTDet and MViTv2's Hwin keep global attention).
+
+A block whose own role has no rule takes the rule of its fallback role (MViTv2's and ViT's ``global``
+blocks: ``default``, or their ``window``/``shifted`` place), so ``{default: mvit.window}`` puts
+windows everywhere and ``{default: mvit.window, global: mvit.pool}`` is Hwin.
 
 Weights: where the design's state_dict has timm's keys and shapes (Swin's window attention, PVTv2's
 SRA, MViTv2's pooling attention, ViT's MHA), timm's weights are loaded into it, so swapping in an
@@ -42,7 +49,7 @@ from .errors import SuiteError
 
 KINDS = ("swin", "pvt_v2", "mvitv2", "vit")
 ROLES = {"swin": ("window", "shifted"), "pvt_v2": ("default",), "mvitv2": ("default", "global"),
-         "vit": ("default",)}
+         "vit": ("window", "shifted", "global")}
 GLOBAL_FAMILIES = frozenset({"mha", "performer"})
 
 
@@ -64,6 +71,7 @@ class Slot:
     heads: int
     derived: dict[str, Any] = field(default_factory=dict)  # parameter -> value read off timm's module
     swappable: str = ""  # why it cannot be swapped ("" when it can)
+    fallback: str = ""  # the role whose rule applies when ``role`` has none
 
 
 # ------------------------------------------------------------------------------ adapters
@@ -100,6 +108,20 @@ class TokensAdapter(nn.Module):
         y = self.design(x.reshape(B, H, W, C))
         out = y.reshape(B, -1, C)
         return (out, [y.shape[1], y.shape[2]]) if self.returns_size else out
+
+
+class GridAdapter(nn.Module):
+    """ViT tokens (B, N, C) without a class token, N = H x W -> the design on (B, H, W, C) -> (B, N, C)."""
+
+    def __init__(self, design: nn.Module, grid: tuple[int, int]):
+        super().__init__()
+        self.design, self.grid = design, (int(grid[0]), int(grid[1]))
+
+    def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("the swapped ViT attention takes no attention mask and is not causal")
+        B, N, C = x.shape
+        return self.design(x.reshape(B, *self.grid, C)).reshape(B, N, C)
 
 
 class SequenceAdapter(nn.Module):
@@ -157,13 +179,21 @@ def _mvit_slots(model: nn.Module) -> list[Slot]:
                        "rel_pos_size": side * min(stride_q, stride_kv)}
             role = "global" if j == len(stage.blocks) - 1 and i >= len(stages) - 3 else "default"
             why = "" if dim_in == dim_out else f"its attention maps {dim_in} to {dim_out} channels"
-            out.append(Slot(f"stages.{i}.blocks.{j}", role, dim_in, attn.num_heads, derived, why))
+            out.append(Slot(f"stages.{i}.blocks.{j}", role, dim_in, attn.num_heads, derived, why,
+                            "default" if role == "global" else ""))
     return out
 
 
 def _vit_slots(model: nn.Module) -> list[Slot]:
-    return [Slot(f"blocks.{j}", "default", block.attn.qkv.in_features, block.attn.num_heads)
-            for j, block in enumerate(model.blocks)]
+    depth = len(model.blocks)
+    quarter = max(depth // 4, 1)
+    out = []
+    for j, block in enumerate(model.blocks):
+        place = "shifted" if j % 2 else "window"
+        role, fallback = ("global", place) if (j + 1) % quarter == 0 else (place, "")
+        out.append(Slot(f"blocks.{j}", role, block.attn.qkv.in_features, block.attn.num_heads,
+                        fallback=fallback))
+    return out
 
 
 SLOTS: dict[str, Callable[[nn.Module], list[Slot]]] = {"swin": _swin_slots, "pvt_v2": _pvt_slots,
@@ -225,14 +255,15 @@ def rules_label(kind: str, rules: dict[str, AttentionRule]) -> str:
     return ",".join(f"{role}={t}" for role, t in sorted(texts.items()))
 
 
-def create_timm(name: str, img_size: int) -> nn.Module:
-    """timm's model with random weights (nothing downloaded), built for ``img_size`` where timm takes it."""
+def create_timm(name: str, img_size: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """timm's model with random weights (nothing downloaded), built for ``img_size`` where timm takes it;
+    ``kwargs`` go to ``timm.create_model`` (``class_token: false``, say)."""
     import timm
 
-    kwargs: dict[str, Any] = {"pretrained": False}
+    args: dict[str, Any] = {**(kwargs or {}), "pretrained": False}
     if model_kind(name) in ("swin", "vit", "mvitv2"):
-        kwargs["img_size"] = img_size
-    return timm.create_model(name, **kwargs)
+        args["img_size"] = img_size
+    return timm.create_model(name, **args)
 
 
 @dataclass
@@ -266,15 +297,15 @@ def swap_attention(model: nn.Module, kind: str, rules: dict[str, AttentionRule],
     cannot take a block (a grid design in a ViT with a class token, a shifted design in an unshifted block)."""
     done = Swap()
     for slot in SLOTS[kind](model):
-        rule = rules.get(slot.role)
+        rule = rules.get(slot.role) or rules.get(slot.fallback)
         if rule is None:
             continue
         if slot.swappable:
             done.kept.append(f"{slot.path} ({slot.swappable})")
             continue
         block = model.get_submodule(slot.path)
-        if kind == "vit" and getattr(model, "num_prefix_tokens", 0) and \
-                registry.get_spec(rule.impl).family not in GLOBAL_FAMILIES:
+        global_design = registry.get_spec(rule.impl).family in GLOBAL_FAMILIES
+        if kind == "vit" and getattr(model, "num_prefix_tokens", 0) and not global_design:
             raise ValueError(f"{rule.impl} needs the token grid, and {type(model).__name__} has a class token "
                              f"(only global designs, families {', '.join(sorted(GLOBAL_FAMILIES))}, swap in here)")
         try:
@@ -290,21 +321,21 @@ def swap_attention(model: nn.Module, kind: str, rules: dict[str, AttentionRule],
         if kind == "swin":
             _swap_swin_block(block, design)
         elif kind == "vit":
-            block.attn = SequenceAdapter(design)
+            block.attn = SequenceAdapter(design) if global_design else GridAdapter(design, model.patch_embed.grid_size)
         else:
             block.attn = TokensAdapter(design, returns_size=kind == "mvitv2")
         done.swapped += 1
     return done
 
 
-def build_model(name: str, img_size: int, rules: dict[str, AttentionRule],
-                merge: bool = False) -> tuple[nn.Module, Swap, int]:
+def build_model(name: str, img_size: int, rules: dict[str, AttentionRule], merge: bool = False,
+                kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Swap, int]:
     """(model, what the swap did, the number of attention blocks) for one model cell; the model
     carries the swap's description in ``attnbench_swap`` (:func:`describe_swap`)."""
     kind = model_kind(name)
     if kind is None:
         raise ValueError(f"model {name!r}: attnbench swaps attention in timm models named {', '.join(KINDS)}_*")
-    model = create_timm(name, img_size)
+    model = create_timm(name, img_size, kwargs)
     total = len(SLOTS[kind](model))
     swap = swap_attention(model, kind, rules, merge)
     model.attnbench_swap = swap.text(total) if rules else f"timm's attention in all {total} blocks"
@@ -316,10 +347,10 @@ def describe_swap(model: nn.Module) -> str:
     return str(getattr(model, "attnbench_swap", ""))
 
 
-def describe(name: str) -> dict[str, Any]:
+def describe(name: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The stem stride (patch), first-stage channels and heads of a model, for a cell's identity columns."""
     with torch.device("meta"):
-        model = create_timm(name, 224)
+        model = create_timm(name, 224, kwargs)
     slots = SLOTS[model_kind(name) or "vit"](model)
     stride = model.patch_embed.proj.stride[0] if hasattr(model, "patch_embed") else 4
     return {"patch": int(stride), "dim": slots[0].dim, "heads": slots[0].heads, "blocks": len(slots),
@@ -341,9 +372,15 @@ def parse_entry(item: Any, resolutions: list[int], where: str, key: str) -> dict
 
     The model is built on the meta device at each resolution with its attention swapped, so a name
     timm lacks, a design that cannot take a block, or a size the model cannot take is a SuiteError here."""
-    if not isinstance(item, dict) or not isinstance(item.get("model"), str) or set(item) - {"model", "attention"}:
-        raise SuiteError(f"expected {{model: NAME, attention: DESIGN | {{ROLE: DESIGN}} | timm}}, got {item!r}",
-                         where, key)
+    if not isinstance(item, dict) or not isinstance(item.get("model"), str) or \
+            set(item) - {"model", "attention", "kwargs"}:
+        raise SuiteError(f"expected {{model: NAME, attention: DESIGN | {{ROLE: DESIGN}} | timm, kwargs: {{...}}}}, "
+                         f"got {item!r}", where, key)
+    kwargs = item.get("kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and isinstance(v, (bool, int, float, str))
+                                               for k, v in kwargs.items()):
+        raise SuiteError(f"kwargs must map timm.create_model's argument names to plain values, got {kwargs!r}",
+                         where, f"{key}.kwargs")
     import timm
 
     name = item["model"]
@@ -358,9 +395,10 @@ def parse_entry(item: Any, resolutions: list[int], where: str, key: str) -> dict
     for res in resolutions:
         try:
             with torch.device("meta"):
-                build_model(name, res, rules)
-        except (ValueError, AssertionError, RuntimeError) as exc:
+                build_model(name, res, rules, kwargs=kwargs)
+        except (ValueError, AssertionError, RuntimeError, TypeError) as exc:
             raise SuiteError(f"{name} at {res} px: {exc}", where, key) from None
-    info = describe(name)
+    info = describe(name, kwargs)
     return {"model": name, "attention_label": rules_label(kind, rules), "attention_json": rules_json(rules),
-            "patch": info["patch"], "dim": info["dim"], "heads": info["heads"]}
+            "patch": info["patch"], "dim": info["dim"], "heads": info["heads"],
+            "kwargs_json": json.dumps(kwargs, sort_keys=True) if kwargs else ""}

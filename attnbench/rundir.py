@@ -76,7 +76,8 @@ def env_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 CELL_KEYS = ("impls", "resolution", "shapes", "batch", "dtype", "mode", "dim", "heads", "plugins", "pairs",
-             "description")  # a resumed suite may add or drop cells; every other setting must be the same
+             "description", "executor")  # a resumed suite may add or drop cells and run them elsewhere (executor);
+# every other setting must be the same
 
 
 def suite_differences(old_raw: dict[str, Any], new_raw: dict[str, Any]) -> list[str]:
@@ -90,6 +91,24 @@ def suite_differences(old_raw: dict[str, Any], new_raw: dict[str, Any]) -> list[
     new = SuiteModel.model_validate(new_raw).model_dump()
     return [f"{k}: {old.get(k)!r} (earlier session) vs {new.get(k)!r} (now)"
             for k in sorted(set(old) | set(new)) if k not in CELL_KEYS and old.get(k) != new.get(k)]
+
+
+def worker_entry(env: dict[str, Any], executor: str) -> dict[str, Any]:
+    """One worker's line in ``env.json``'s ``workers``: where it ran (host, GPU and its UUID, driver,
+    clocks, torch) and the references its rows were measured against (peaks, sentinel). A worker's
+    ``worker`` key is the value of its rows' ``worker`` column."""
+    gpu, nvml = env.get("gpu") or {}, env.get("nvml") or {}
+    host = env.get("hostname")
+    key = env.get("worker") or (f"{host}/{gpu['uuid']}" if gpu.get("uuid") else f"{host}/cpu/{executor}")
+    return {"worker": key, "executor": executor, "hostname": host, "pid": env.get("pid"),
+            "device": env.get("device"), "cuda_visible_devices": env.get("cuda_visible_devices"),
+            "gpu": env.get("gpu"), "cpu": env.get("cpu"),
+            "nvml": {k: nvml.get(k) for k in ("available", "name", "driver", "sm_clock_max_mhz", "mem_clock_max_mhz",
+                                              "power_limit_w", "persistence_mode", "reason") if k in nvml},
+            "torch": (env.get("torch") or {}).get("version"), "cuda": (env.get("torch") or {}).get("cuda"),
+            "python": env.get("python"), "attnbench": (env.get("packages") or {}).get("attnbench"),
+            "peaks": env.get("peaks"), "sentinel_tflops_start": env.get("sentinel_tflops_start"),
+            "sentinel_tflops_best": env.get("sentinel_tflops_best")}
 
 
 @dataclass

@@ -16,6 +16,7 @@ being tried (its FLOPs are still counted); each measured cell is the budget rule
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import gc
 import math
@@ -32,6 +33,8 @@ from .cell import blocked_message, measure_cell, skipped_row
 from .context import CellContext
 from .device import apply_globals, dtype_problem, resolve_device, resolve_dtypes, restore_globals, saved_globals
 from .errors import DeviceError, SuiteError
+from .executors import EXECUTORS, ExecutorError, make_executor
+from .executors.worker import where_columns
 from .isolate import measure_in_worker
 from .job import CellSettings, Job
 from .measure import peaks as peaks_mod
@@ -89,7 +92,7 @@ class _Series:
 
 
 def _session_overhead(session: int, rows: list[dict[str, Any]], wall_s: float, peaks_s: float,
-                      counts: dict[str, int]) -> dict[str, Any]:
+                      counts: dict[str, int], parallel: bool = False) -> dict[str, Any]:
     """This session's time accounting: ``measure_s`` inside the implementations' calls, ``timeout_s``
     waiting on cells that hung (isolation: process), ``harness_s`` everything else."""
     new = [r for r in rows if r.get("session") == session]
@@ -103,6 +106,11 @@ def _session_overhead(session: int, rows: list[dict[str, Any]], wall_s: float, p
          "peaks_s": peaks_s}  # the device's matmul and copy peaks
     o["other_s"] = o["harness_s"] - o["cells_harness_s"] - peaks_s  # env, storage, worker start-up
     o["harness_fraction"] = o["harness_s"] / wall_s if wall_s > 0 else math.nan
+    if parallel:  # cells side by side: the accounting is of the workers' busy time, not of the wall time
+        busy = sum(r.get("worker_wall_s") or 0 for r in new)
+        o.update(worker_s=busy, harness_s=busy - measure_s - timeout_s)
+        o["other_s"] = o["harness_s"] - o["cells_harness_s"]  # scheduling, transfers, worker start-up and peaks
+        o["harness_fraction"] = o["harness_s"] / busy if busy > 0 else math.nan
     return o
 
 
@@ -116,21 +124,90 @@ def _learn(ctx: CellContext, row: dict[str, Any]) -> None:
         ctx.refresh_peak(str(row["dtype"]), at_least=peak)
 
 
+def _run_on(pool, cases: list[Case], series: _Series, settle, finish, job_of, model, env: dict[str, Any],
+            folder: rundir.RunFolder, bar) -> None:
+    """The loop of an executor with workers: each series' cells in order (each measured cell is the
+    budget rule's basis for the next, and a failure blocks the larger ones), the series side by side,
+    at most ``pool.capacity`` cells outstanding; each row handed to ``finish`` (appended) as it comes back."""
+    import collections
+
+    queues = collections.OrderedDict()
+    for case in cases:
+        queues.setdefault(case.series, collections.deque()).append(case)
+    busy: dict[str, Case] = {}  # cell_id -> case, outstanding
+    busy_series: set = set()
+    seen_workers: dict[str, dict[str, Any]] = {}
+    while queues or busy:
+        for key in list(queues):  # hand out the next cell of every idle series, while there is room
+            if key in busy_series:
+                continue
+            q = queues[key]
+            while q and key not in busy_series:
+                if len(busy) >= pool.capacity:
+                    break
+                case = q.popleft()
+                row = settle(case)
+                if row is not None:
+                    finish(case, row, case.cell_id not in folder.done)
+                    continue
+                pool.submit(case.cell_id, job_of(case, series), model.budget.cell_timeout_s)
+                busy[case.cell_id] = case
+                busy_series.add(key)
+            if not q and key not in busy_series:
+                del queues[key]
+        if not busy:
+            continue
+        for key, row, worker_env in pool.wait(1.0):
+            case = busy.pop(key)
+            busy_series.discard(case.series)
+            if worker_env is not None and worker_env.get("worker") not in seen_workers:
+                seen_workers[worker_env["worker"]] = rundir.worker_entry(worker_env, pool.name)
+                env["workers"] = list(seen_workers.values())
+                folder.write_env(env)  # every worker's environment, as soon as it is known
+            elif worker_env is not None:
+                seen_workers[worker_env["worker"]]["sentinel_tflops_best"] = worker_env.get("sentinel_tflops_best")
+            if bar is not None:
+                bar.set_description(f"{case.label} {case.resolution}px {case.dtype} {case.mode}")
+            finish(case, row, True, tried=True)
+
+
 def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: str | None = None,
               resume: bool = False, only: str | None = None, progress: bool = True,
               results_root: str | Path = "results", isolation: str | None = None,
               on_row: Callable[[dict[str, Any]], None] | None = None,
-              on_note: Callable[[str], None] | None = None) -> RunResult:
+              on_note: Callable[[str], None] | None = None, executor: str | None = None,
+              ray_address: str | None = None) -> RunResult:
     """Run every cell of ``suite`` and return the rows; each row is on disk as soon as its cell ends.
 
     ``out`` is the run folder (default ``results/<suite name>/<UTC time>``). ``resume`` reuses the
     rows already in ``out`` (or in the latest run of the suite) and measures only the missing cells.
     ``isolation`` ("none" or "process") overrides the suite's. ``on_row`` is called with each row as it
     is written (or reused); ``on_note`` with notes worth a user's eye (a torn last line dropped on resume).
+    ``executor`` ("inprocess", "gpus" or "ray", see :mod:`attnbench.executors`) overrides the suite's;
+    ``ray_address`` is the Ray cluster to join (None: a local one).
     """
     t_run = time.perf_counter()
     suite, dev, cases = prepare(suite, device, only)
     model = suite.model if isolation is None else suite.model.model_copy(update={"isolation": isolation})
+    executor = executor or getattr(model, "executor", None) or "inprocess"
+    if executor not in EXECUTORS:
+        raise ExecutorError(f"unknown executor {executor!r} (known: {', '.join(EXECUTORS)})")
+    if executor != "inprocess" and dev.index is not None:
+        raise ExecutorError(f"executor {executor} places each cell on a GPU itself: use device cuda, not {dev}")
+    pool = None
+    if executor != "inprocess":  # before the run folder: an executor that cannot start leaves nothing behind
+        pool = make_executor(executor, measure_peaks=model.measure_peaks, cpus_per_cell=model.threads or 1,
+                             ray_address=ray_address)
+    try:
+        return _run(suite, dev, cases, model, pool, executor, out, device, resume, only, progress, results_root,
+                    on_row, on_note, ray_address, t_run)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _run(suite, dev, cases, model, pool, executor, out, device, resume, only, progress, results_root, on_row,
+         on_note, ray_address, t_run) -> RunResult:
     settings = CellSettings.from_suite(model)
     saved = saved_globals()  # put back when the run ends: a caller's process keeps its own settings
     apply_globals(settings.threads, settings.tf32, dev)  # fixed for the run, recorded per row
@@ -138,13 +215,18 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
     env = collect_env(dev)
     folder = rundir.RunFolder.open(run_dir, env, suite.raw, on_note)
     env.update(suite_name=suite.name, suite_path=str(suite.path) if suite.path else None, session=folder.session,
-               only=only, device_requested=device or suite.model.device, isolation=model.isolation)
+               only=only, device_requested=device or suite.model.device, isolation=model.isolation,
+               executor=executor, ray_address=ray_address)
     runnable = [d for d in dict.fromkeys(c.dtype for c in cases) if not dtype_problem(d, dev)]
     t_peaks = time.perf_counter()
-    env["peaks"] = peaks_mod.measure_peaks(dev, runnable) if model.measure_peaks else None
+    # the workers of another executor measure their own GPU's peaks and sentinel (env["workers"])
+    env["peaks"] = peaks_mod.measure_peaks(dev, runnable) if model.measure_peaks and pool is None else None
     peaks_s = time.perf_counter() - t_peaks
-    ctx = CellContext.create(settings, dev, env["peaks"])
+    quiet = dataclasses.replace(settings, timing=settings.timing.model_copy(update={"sentinel": False}))
+    ctx = CellContext.create(settings if pool is None else quiet, dev, env["peaks"])  # workers keep their own
     env["sentinel_tflops_start"] = ctx.sentinel_start
+    here = rundir.worker_entry(env, "driver")
+    env["workers"] = [here] if pool is None else []
     folder.write_env(env)
     folder.write_suite(suite.raw)
 
@@ -167,36 +249,59 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
     # that heap once more (0.17 s) to free a little garbage of the imports.
     gc.freeze()
     overhead: dict[str, Any] = {}
-    try:
-        for case in cases:
-            if bar is not None:
-                bar.set_description(f"{case.label} {case.resolution}px {case.dtype} {case.mode}")
-            if case.cell_id in folder.done:
-                row = folder.done[case.cell_id]
-                reused += 1
-            else:
-                if dtype_problem(case.dtype, dev):
-                    row = skipped_row(case, Status.UNSUPPORTED, dtype_problem(case.dtype, dev))
-                    skipped += 1
-                elif case.series in series.blocked:
-                    status, resolution = series.blocked[case.series]
-                    row = skipped_row(case, status, blocked_message(resolution, status))
-                    skipped += 1
-                elif model.isolation == "process":
-                    row = measure_in_worker(job_of(case, series), model.budget.cell_timeout_s)
-                    measured += 1
-                else:
-                    row = measure_cell(job_of(case, series), ctx)
-                    measured += 1
-                folder.append(row)
-            rows.append(row)
-            series.record(case, row)
+
+    def finish(case: Case, row: dict[str, Any], new: bool, tried: bool = False) -> None:
+        nonlocal measured
+        measured += tried
+        if new:
+            row["executor"] = executor
+            folder.append(row)
+        rows.append(row)
+        series.record(case, row)
+        if pool is None:
             _learn(ctx, row)
-            if on_row is not None:
-                on_row(row)
-            if bar is not None:
-                bar.set_postfix_str(row["status"])
-                bar.update(1)
+        if on_row is not None:
+            on_row(row)
+        if bar is not None:
+            bar.set_postfix_str(row["status"])
+            bar.update(1)
+
+    def settle(case: Case) -> dict[str, Any] | None:
+        """The row of a cell that needs no measuring (reused, dtype unsupported, its series blocked)."""
+        nonlocal reused, skipped
+        if case.cell_id in folder.done:
+            reused += 1
+            return folder.done[case.cell_id]
+        if dtype_problem(case.dtype, dev):
+            skipped += 1
+            return skipped_row(case, Status.UNSUPPORTED, dtype_problem(case.dtype, dev))
+        if case.series in series.blocked:
+            status, resolution = series.blocked[case.series]
+            skipped += 1
+            return skipped_row(case, status, blocked_message(resolution, status))
+        return None
+
+    try:
+        if pool is None:
+            for case in cases:
+                if bar is not None:
+                    bar.set_description(f"{case.label} {case.resolution}px {case.dtype} {case.mode}")
+                row = settle(case)
+                tried = row is None
+                new = tried or case.cell_id not in folder.done
+                if tried:
+                    if model.isolation == "process":
+                        row = measure_in_worker(job_of(case, series), model.budget.cell_timeout_s)
+                    else:
+                        row = measure_cell(job_of(case, series), ctx)
+                    row.update(where_columns({**env, "worker": here["worker"]}))
+                finish(case, row, new, tried)
+        else:
+            _run_on(pool, cases, series, settle, finish, job_of, model, env, folder, bar)
+    except KeyboardInterrupt:
+        if pool is not None:
+            pool.cancel()  # what is outstanding stops; what finished is on disk
+        raise
     finally:
         gc.unfreeze()
         restore_globals(saved)
@@ -205,7 +310,11 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
         env["sentinel_tflops_best"] = ctx.sentinel_best
         folder.write_env(env)  # the peaks and the sentinel reference the run ended with
         counts = {"cells_measured": measured, "cells_skipped": skipped, "cells_reused": reused}
-        overhead = _session_overhead(folder.session, rows, time.perf_counter() - t_run, peaks_s, counts)
+        overhead = _session_overhead(folder.session, rows, time.perf_counter() - t_run, peaks_s, counts,
+                                     parallel=pool is not None)
+        overhead["executor"] = executor
         folder.log_session(overhead)
+    order = {c.cell_id: i for i, c in enumerate(cases)}
+    rows.sort(key=lambda r: order.get(r.get("cell_id"), len(order)))  # suite order, whatever finished first
     return RunResult(run_dir=run_dir, rows=rows, measured=measured, reused=reused, skipped=skipped,
                      overhead=overhead)

@@ -111,6 +111,7 @@ COLUMNS: tuple[Column, ...] = (
     _C("model", IDENTITY, "str", "whole-model cells: the timm model (impl is then its attention's label)", True),
     _C("attention", IDENTITY, "str", "whole-model cells: JSON role -> [design, parameters] swapped in ({}: timm's)",
        True),
+    _C("model_kwargs", IDENTITY, "str", "whole-model cells: JSON of timm.create_model's extra arguments", True),
     _C("model_blocks", SETUP, "str", "whole-model cells: attention blocks swapped, timm weights loaded, kept", True),
     _C("cell_id", IDENTITY, "str", "hash of impl, params, resolution, patch, batch, dim, heads, dtype, mode, "
                                    "device (:func:`cell_id`)", True),
@@ -129,6 +130,15 @@ COLUMNS: tuple[Column, ...] = (
     _C("tf32_cudnn", SETUP, "bool", "cuDNN float32 convolutions in TF32 (None on CPU)", True),
     _C("reparameterized", SETUP, "bool", "measured in its re-parameterized (merged) form", True),
     _C("isolation", SETUP, "str", "process: measured in a fresh worker"),
+    _C("executor", SETUP, "str", "inprocess | gpus | ray: what placed the cell on its worker"),
+    _C("worker", SETUP, "str", "the worker that measured the cell: its key in env.json's workers (host/GPU UUID)"),
+    _C("worker_host", SETUP, "str", "host the cell ran on"),
+    _C("worker_gpu_uuid", SETUP, "str", "UUID of the GPU the cell ran on (None on CPU)"),
+    _C("worker_gpu_name", SETUP, "str", "name of the GPU the cell ran on"),
+    _C("worker_driver", SETUP, "str", "NVIDIA driver version of that worker"),
+    _C("worker_torch", SETUP, "str", "torch version of that worker"),
+    _C("worker_sm_clock_max_mhz", SETUP, "float", "maximum SM clock of that GPU, MHz"),
+    _C("attempts", SETUP, "int", "executor gpus: times the cell was started (2: its first worker died)"),
     # counts: deterministic, on the meta device
     _C("params_count", COUNTS, "int", "parameters of the module", True, "exact"),
     _C("flops_analytic", COUNTS, "int", "closed form, matmul-type ops, 2 FLOPs per MAC, forward", True, "exact",
@@ -245,6 +255,8 @@ def cell_id(fields: Mapping[str, Any]) -> str:
     key["params"] = [list(p) for p in items]
     if fields.get("model"):  # whole-model cells (attention cells keep the hashes they always had)
         key["model"], key["attention"] = fields["model"], fields.get("attention") or ""
+        if fields.get("model_kwargs"):
+            key["model_kwargs"] = fields["model_kwargs"]
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

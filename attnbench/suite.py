@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -95,6 +96,7 @@ class SuiteModel(_Strict):
     sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
     compile: bool = False  # run the module under torch.compile (compile time recorded apart)
     isolation: Literal["none", "process"] = "none"  # process: each cell in a fresh worker with a time-out
+    executor: Literal["inprocess", "gpus", "ray"] = "inprocess"  # where cells run: attnbench.executors
     find_max_batch: bool = False  # halve `batch` on out-of-memory until a call fits; measure there
     measure_peaks: bool = True  # measure the device's matmul peak and copy bandwidth once per run
     pairs: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []  # [faster?, baseline] speed-up plots
@@ -146,10 +148,12 @@ class ModelEntry:
     patch: int
     dim: int
     heads: int
+    kwargs_json: str = ""  # timm.create_model's extra arguments, JSON
 
     @property
     def label(self) -> str:
-        return f"{self.model}[{self.attention_label}]"
+        kw = ",".join(f"{k}={v}" for k, v in json.loads(self.kwargs_json).items()) if self.kwargs_json else ""
+        return f"{self.model}" + (f"({kw})" if kw else "") + f"[{self.attention_label}]"
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ class Case:
     device: str
     model: str = ""  # a whole-model cell: the timm model; impl is then its attention rules' label
     attention: str = ""  # a whole-model cell: its attention rules as JSON (attnbench.models.rules_json)
+    model_kwargs: str = ""  # a whole-model cell: timm.create_model's extra arguments as JSON
 
     @property
     def tokens(self) -> int:
@@ -221,7 +226,7 @@ class Suite:
                                     resolution=res, patch=entry.patch, shape="", grid_h=res // entry.patch,
                                     grid_w=res // entry.patch, batch=batch, dim=entry.dim, heads=entry.heads,
                                     dtype=dtype, mode=mode, device=device, model=entry.model,
-                                    attention=entry.attention_json))
+                                    attention=entry.attention_json, model_kwargs=entry.kwargs_json))
         return out
 
 

@@ -43,7 +43,7 @@ def test_lists_multiply():
     (bad(impls=[{"sra.conv": {"sr_ratio": "2"}}]), "impls[0].sra.conv", "must be int"),
     (bad(impls=[{"sra.conv": {"sr_ratio": 0}}]), "impls[0]", "sr_ratio must be >= 1"),
     (bad(impls=[["mha.sdpa"]]), "impls[0]", "expected"),
-    (bad(impls=[]), "impls", "at least 1"),
+    (bad(impls=[]), "impls", "at least one attention implementation (impls) or whole model (models)"),
     (bad(heads=5), "heads", "not divisible"),
     (bad(resolution=[30]), "resolution[0]", "multiple of patch"),
     (bad(timing={"warmup": 1}), "timing.warmup", "allowed here: warmup_s"),
