@@ -23,10 +23,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if args.run_b is not None:
+        from .analysis.report_compare import write_compare_report
+
+        path = write_compare_report(args.run_dir, args.run_b, args.out)
+        print(f"comparison report: {path} (A: {args.run_dir}, B: {args.run_b}; one file)")
+        return EXIT_OK
     from .analysis.report import write_report
 
     md, html = write_report(args.run_dir)
-    print(f"report: {md}\n        {html} (one file, plots embedded)")
+    print(f"report: {md}\n        {html} (one file, plots and rows embedded)")
     return EXIT_OK
 
 
@@ -42,8 +48,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="write the plots of a run folder into RUN_DIR/plots/")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (holds rows.jsonl)")
     p.set_defaults(func=_cmd_plot)
-    r = sub.add_parser("report", help="write RUN_DIR/report/report.md (with the PNGs) and report.html (one file)")
-    r.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (holds rows.jsonl)")
+    r = sub.add_parser("report", help="write RUN_DIR/report/report.md (with the PNGs) and report.html (one file); "
+                                      "with two run folders, one HTML report comparing them")
+    r.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (holds rows.jsonl); with RUN_B: "
+                                                                 "the base (A)")
+    r.add_argument("run_b", type=Path, metavar="RUN_B", nargs="?", default=None,
+                   help="a second run folder: write one report comparing RUN_DIR (A, base) with it (B, new): "
+                        "tables as B / A ratios and the regression verdicts of `attnbench compare`")
+    r.add_argument("--out", type=Path, metavar="FILE", help="with RUN_B: the comparison's HTML file (default "
+                                                            "RUN_B/report/compare-<RUN_DIR name>.html)")
     r.set_defaults(func=_cmd_report)
     s = sub.add_parser("show", help="print the summary tables of a run folder, with units")
     s.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (holds rows.jsonl)")

@@ -203,3 +203,39 @@ def test_unsupported_timeout_and_crashed_cells_are_marked(tmp_path):
     assert len(fmarked) == 7 and {m["placement"] for m in fmarked} == {"counted"}
     pngs = plots.plot_run(run_dir)
     assert pngs and all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
+
+
+def test_figures_answer_at_a_glance(synth, tmp_path):
+    from attnbench.analysis.draw import DPI, WIDTH_IN
+
+    run_dir, run, figs = synth
+    # speed-ups: several labelled ticks on the log axis, at readable ratios (0.25x, 0.5x, 1x, 2x, 4x ...)
+    fig, _ = figs["speedup-float32-forward.png"]
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text()]
+    assert len(labels) >= 3 and "1x" in labels and all(lab.endswith("x") and "e" not in lab for lab in labels)
+    assert plots.speedup_ticks(0.2, 5) == [0.25, 0.5, 1, 2, 4]
+    # failed cells without a value sit in a band above the axes, not inside the data area
+    fig, info = figs["memory-float32-forward.png"]
+    assert any(m["placement"] == "strip" for m in info["marked"])
+    main_ax = fig.axes[0]
+    band = main_ax.child_axes[0]
+    fig.canvas.draw()
+    assert band.get_window_extent().y0 >= main_ax.get_window_extent().y1
+    assert all(ln.get_xydata()[:, 1].min() >= 0 for ln in band.lines) and band.lines
+    # the roofline says which FLOP count it uses: the analytic one of the FLOPs table, in forward mode
+    fig, info = figs["roofline-float32-forward.png"]
+    assert info["flops"] == "flops_analytic"
+    assert any("FLOPs: analytic" in t.get_text() for t in fig.axes[0].texts)
+    pts = info["points"]
+    assert (pts["flops"] == pts["flops_analytic"]).all()
+    assert not [t for t in fig.axes[0].texts if "bandwidth" in t.get_text()]  # ceilings named in the legend
+    # legible legends, one width, 2x resolution
+    for name, (fig, _i) in figs.items():
+        legend = fig.axes[0].get_legend()
+        assert legend is None or min(t.get_fontsize() for t in legend.get_texts()) >= 9, name
+    widths = set()
+    for p in plots.plot_run(run_dir):
+        data = p.read_bytes()
+        widths.add(int.from_bytes(data[16:20], "big"))
+    assert widths == {int(WIDTH_IN * DPI)} and DPI >= 200

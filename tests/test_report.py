@@ -61,10 +61,10 @@ def test_report_contents(report):
     _, md, html = report
     text = md.read_text()
     page = html.read_text()
-    for needle in ("## Environment", "Test CPU", "0.5 TFLOP/s", "## Latency, median ms",
-                   "## Peak memory of one call, MiB",
+    for needle in ("## Environment", "Test CPU", "0.500 TFLOP/s", "## Latency (median)",
+                   "## Peak memory of one call",
                    "GFLOP", "img/s", "## Growth exponents", "## Speed-ups", "mha.sdpa over mha.math",
-                   "## Cells to look at"):
+                   "## Cells to look at", "**Fastest at the largest size**", "[rows.csv](rows.csv)"):
         assert needle in text, needle
     # failed cells are listed, with their messages, in both files
     for doc in (text, page):
@@ -86,7 +86,8 @@ def test_report_contents(report):
 def test_report_of_named_shapes(tmp_path):
     md, html = write_report(make_shape_run(tmp_path / "stages"))
     text = md.read_text()
-    assert "| label | S1 | S2 | S3 | S4 |" in text
+    assert "| label | S1 · 56×56 tok · C96 h3 | S2 · 28×28 tok · C192 h6 |" in text  # the stages' shapes
+    assert "**Fastest per stage**" in text
     assert "## Growth exponents" not in text  # not a resolution sweep
     assert "swin.shift_cyclic over swin.shift_pad (window=7)" in text
     assert "OOM" in text
@@ -162,9 +163,9 @@ def test_report_lists_unsupported_timeout_and_crashed(statuses_run):
     md, html = write_report(statuses_run)
     text, page = md.read_text(), html.read_text()
     lat = text.split("## Latency")[1].split("##")[0]
-    assert "| toy.hang | 2 | 4.08 | timeout | timeout | timeout |" in lat
-    assert "| toy.crash | 3 | 6.12 | crashed | crashed | crashed |" in lat
-    assert "| toy.picky | 4 | n/a | 11.8 | 16 | 20.9 |" in lat
+    assert "| toy.hang | **2.00 ms** | **4.08 ms** | timeout | timeout | timeout |" in lat  # best of a column: bold
+    assert "| toy.crash | 3.00 ms | 6.12 ms | crashed | crashed | crashed |" in lat
+    assert "| toy.picky | 4.00 ms | n/a | **11.8 ms** | **16.0 ms** | **20.9 ms** |" in lat
     assert "cells | 20: crashed 3, ok 13, timeout 3, unsupported 1" in text
     assert "5 failed, 2 not tried after a failure at a smaller size" in text
     failed = text.split("## Failed cells")[1].split("##")[0]
@@ -177,3 +178,88 @@ def test_report_lists_unsupported_timeout_and_crashed(statuses_run):
                    "grid 80x80 is not a multiple of 7", "skipped: resolution 384 was timeout"):
         assert needle in page
     assert page.count("data:image/png;base64,") == len(list((statuses_run / "plots").glob("*.png"))) > 0
+
+
+# --- numbers, the headline, the page, the raw data and the comparison of two runs --------------------
+
+def test_numbers_formatted_in_one_place():
+    from attnbench.analysis import fmt
+
+    assert [fmt.sig(v) for v in (0.7, 1.5, 12.345, 999.7, 1894, 0.01234, 65536.2, 0)] == \
+        ["0.700", "1.50", "12.3", "1,000", "1,890", "0.0123", "65,500", "0"]
+    assert [fmt.ms(v) for v in (0.0123, 0.7, 24.94, 1894.0, 12345.0)] == \
+        ["12.3 µs", "700 µs", "24.9 ms", "1.89 s", "12.3 s"]  # no 1.89e+03
+    assert [fmt.nbytes(v) for v in (512 * 1024, 96 * 2 ** 20, 1.2 * 2 ** 30)] == ["512 KiB", "96.0 MiB", "1.20 GiB"]
+    assert [fmt.flops(v) for v in (4.1e8, 1.234e9, 1.65e12)] == ["410 MFLOP", "1.23 GFLOP", "1.65 TFLOP"]
+    assert fmt.times(0.25) == "0.250x" and fmt.spread(11.93, 12.81) == "11.9-12.8 ms"
+    assert fmt.resolution_heading(224, 3136) == "224 px · 3,136 tok"
+    assert fmt.shape_heading("S1", 56, 56, 96, 3) == "S1 · 56×56 tok · C96 h3"
+    assert fmt.value("flops_analytic", float("nan")) == "-" and fmt.better("latency_ms_median") == "low"
+
+
+def test_show_headings_and_best_marks(report):
+    run_dir, _, _ = report
+    out = show_text(run_dir, impl="mha.*")
+    assert "224 px" in out and "3,136 tok" in out and "e+0" not in out
+    lat = out.split("peak memory")[0]
+    assert lat.count("*") >= 4  # mha.sdpa is the faster of the two at every measured size
+    assert "best of its column" in out
+
+
+def test_headline_answers(report):
+    from attnbench.analysis import run as runs
+    from attnbench.analysis.headline import headline
+
+    run_dir, _, html = report
+    h = headline(runs.load_run(run_dir))
+    assert h.suite == "synth" and h.device == "CPU Test CPU, 2 threads" and h.total == 81
+    assert dict(h.counts)["ok"] == 66 and h.counts[0][0] == "ok"
+    answers = {a.title: a for a in h.answers}
+    fastest = answers["Fastest at the largest size"].lines[0]
+    assert fastest.startswith("at 1024 px (65,536 tokens): ") and "ms" in fastest
+    pairs = "\n".join(answers["Speed-ups of the pairs (baseline / candidate latency)"].lines)
+    assert "mha.sdpa over mha.math: " in pairs and " to " in pairs
+    growth = "\n".join(answers["Latency growth, cost ~ N^k, against theory"].lines)
+    assert "mha.sdpa 2.0" in growth and "(theory 2)" in growth
+    distrust = answers["Cells to distrust"]
+    assert distrust.warn and any("noisy" in x for x in distrust.lines)
+    assert any("error" in x and "toy.fail 448px" in x for x in distrust.lines)
+    page = html.read_text()
+    assert page.index('id="headline"') < page.index("<table")  # the answers come before any table
+    for anchor in ("latency", "memory", "exponents", "speedup", "roofline", "cells", "environment", "data"):
+        assert f'<section id="{anchor}">' in page and f'href="#{anchor}"' in page
+    assert '<meta name="viewport"' in page and '<div class="scroll">' in page
+    assert page.index("<details><summary>device, software") > page.index('id="environment"')
+    assert 'class="badge s-over_budget"' in page and 'class="best"' in page
+
+
+def test_rows_one_click_away(report):
+    import io
+
+    import pandas as pd
+
+    run_dir, md, html = report
+    page = html.read_text()
+    link = page.split('href="data:text/csv;base64,', 1)[1].split('"', 1)[0]
+    df = pd.read_csv(io.StringIO(base64.b64decode(link).decode()))
+    assert len(df) == 81 and {"label", "status", "latency_ms_median", "latency_ms_p10"} <= set(df.columns)
+    assert (md.parent / "rows.csv").read_text() == base64.b64decode(link).decode()
+
+
+def test_report_comparing_two_runs(tmp_path, capsys):
+    a = make_sweep_run(tmp_path / "a", seed=0)
+    b = make_sweep_run(tmp_path / "b", seed=1)
+    assert main(["report", str(a), str(b)]) == 0
+    path = b / "report" / "compare-a.html"
+    assert str(path) in capsys.readouterr().out
+    page = path.read_text()
+    parser = _Collect()
+    parser.feed(page)
+    assert "synth vs synth" in page and 'id="headline"' in page and "cells matched" in page
+    for section in ("Latency B / A", "Peak memory B / A", "Throughput B / A", "Verdicts"):
+        assert section in page
+    assert "224 px · 3,136 tok" in page and "x</td>" in page
+    assert parser.imgs and all(i["src"].startswith("data:image/png;base64,") for i in parser.imgs)
+    out = tmp_path / "cmp.html"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0 and out.is_file()
+    assert main(["report", str(a), str(tmp_path / "nothing")]) == 2

@@ -26,7 +26,7 @@ def test_summary_by_named_shape(tmp_path):
     rows = [_row(shape="S1", cell_id="1"), _row(shape="S2", dim=192, heads=6, resolution=224, cell_id="2",
                                                   latency_ms_median=0.7, noisy=True)]
     table = summary.table(store.load_results(write_run(tmp_path, rows)), "latency_ms_median")
-    assert list(table.columns) == ["S1", "S2"] and table.loc["a.b", "S2"] == "0.7~"
+    assert list(table.columns) == ["S1", "S2"] and table.loc["a.b", "S2"] == "700 µs~"
 
 
 def test_store_needs_no_torch(tmp_path):

@@ -32,7 +32,7 @@ def bar_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tu
     timed = key in ("latency", "throughput")  # noisiness is a property of the timing
     shapes = shape_order(run, g)
     series = series_of(run, g)
-    fig, ax = _new_figure(10.0, 5.2)
+    fig, ax = _new_figure(height=4.4)
     width = 0.8 / max(len(series), 1)
     info: dict[str, Any] = {"metric": key, "series": [], "marked": []}
     handles = []
@@ -66,7 +66,7 @@ def bar_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tu
     for x, v, r in bars:
         if v == v:
             ax.annotate(f"{v:.3g}" + ("~" if timed and r["noisy"] and r["status"] == Status.OK else ""), (x, v),
-                        textcoords="offset points", xytext=(0, 2), ha="center", va="bottom", fontsize=7, rotation=90
+                        textcoords="offset points", xytext=(0, 2), ha="center", va="bottom", fontsize=7.5, rotation=90
                         if len(series) > 4 else 0)
         else:
             word = status_word(r["status"])
@@ -90,7 +90,7 @@ def bar_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) -> tu
 def _speedup_bars(run: Run, g: pd.DataFrame, sp: pd.DataFrame, dtype: str, mode: str):
     shapes = shape_order(run, g)
     pairs = list(dict.fromkeys(sp["pair"]))
-    fig, ax = _new_figure(10.0, 5.0)
+    fig, ax = _new_figure(height=4.2)
     width = 0.8 / len(pairs)
     handles = []
     top = 1.0

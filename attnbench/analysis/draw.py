@@ -33,7 +33,9 @@ from .run import Run, device_name  # noqa: E402
 
 PLOTS_DIR = "plots"
 
-DPI = 100
+DPI = 200  # 2x: sharp on high-density screens and when a figure is opened full size
+WIDTH_IN = 8.0  # every figure is saved this wide (padded after a tight crop), so they line up in a report
+LEGEND_FONT = 9
 
 STATUS_MARKERS: dict[str, tuple[str, str]] = {
     Status.OVER_BUDGET: ("X", "over budget"),
@@ -109,28 +111,26 @@ def _fit_text(fit: Fit | None, theory: float | None) -> str:
 
 
 def _token_axis(ax, run: Run, tokens: np.ndarray) -> None:
-    """Log x axis with ticks at the measured token counts and, on top, the image side in px."""
+    """Log x axis with ticks at the measured token counts, each labelled with its count and, below it, the
+    image side in px (one patch size in the run)."""
     ticks = np.unique(tokens[np.isfinite(tokens) & (tokens > 0)])
     ax.set_xscale("log")
-    ax.set_xlabel("tokens N = (image side / patch)²")
+    patches = run.df["patch"].dropna().unique()
+    patch = float(patches[0]) if len(patches) == 1 else None
+    ax.set_xlabel("tokens N = (image side / patch)²" + (f" · image side in px (patch {patch:.0f})" if patch else ""))
     if 0 < len(ticks) <= 14:
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v / 1000:.3g}k" if v >= 10000 else f"{v:.0f}"))
+
+        def label(v, _p):
+            n = f"{v / 1000:.3g}k" if v >= 10000 else f"{v:,.0f}"
+            return n + (f"\n{math.sqrt(v) * patch:.0f} px" if patch else "")
+
+        ax.xaxis.set_major_formatter(FuncFormatter(label))
         lo, hi = ticks[0], ticks[-1]
         pad = (hi / lo) ** 0.04 if hi > lo else 1.3
         ax.set_xlim(lo / pad, hi * pad)
-    patches = run.df["patch"].dropna().unique()
-    if len(patches) == 1 and 0 < len(ticks) <= 14:
-        patch = float(patches[0])
-        top = ax.secondary_xaxis("top")
-        top.set_xticks(ticks)
-        top.xaxis.set_minor_locator(NullLocator())
-        top.set_xticklabels([f"{math.sqrt(t) * patch:.0f}" for t in ticks])
-        top.set_xlabel(f"image side (px, patch {patch:.0f})")
-        top.tick_params(labelsize=8)
     ax.tick_params(axis="x", labelsize=8)
-
 
 
 def _status_handles(statuses: set[str]) -> list[Line2D]:
@@ -148,13 +148,17 @@ def _status_handles(statuses: set[str]) -> list[Line2D]:
 
 
 
-def _legend(ax, handles: list, title: str | None = None) -> None:
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-              title=title, title_fontsize=8, borderaxespad=0.0)
+def _legend(ax, handles: list, title: str | None = None, ncol: int | None = None) -> None:
+    """The legend below the axes (so every figure keeps one width), in two columns when it is long."""
+    longest = max((len(h.get_label()) for h in handles), default=0)
+    ncol = ncol or (1 if longest > 62 or len(handles) < 5 else 2)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=LEGEND_FONT,
+              frameon=False, title=title, title_fontsize=LEGEND_FONT, borderaxespad=0.0, ncol=ncol,
+              columnspacing=1.2, handletextpad=0.5)
 
 
 
-def _new_figure(width: float = 10.0, height: float = 5.6) -> tuple[Figure, Any]:
+def _new_figure(width: float = WIDTH_IN, height: float = 4.2) -> tuple[Figure, Any]:
     fig = Figure(figsize=(width, height))
     ax = fig.add_subplot(1, 1, 1)
     return fig, ax
@@ -175,14 +179,47 @@ def mcolors_patch(color: str, label: str, hatch: str | None = None, edge: str | 
 
 
 def save_png(fig: Figure, path: Path) -> None:
-    """Save as PNG, quantized to a 256-colour palette (a third of the size, same look for line plots)."""
+    """Save as PNG at :data:`DPI`, cropped to what is drawn, then centred on a white canvas :data:`WIDTH_IN`
+    wide (narrowed to fit when wider), quantized to a 256-colour palette (a third of the size, same look
+    for line plots)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.12)
     try:
         from PIL import Image
 
         buf.seek(0)
         with Image.open(buf) as im:
-            im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+            im = im.convert("RGB")
+            width = int(WIDTH_IN * DPI)
+            if im.width > width:
+                im = im.resize((width, round(im.height * width / im.width)), Image.Resampling.LANCZOS)
+            if im.width < width:
+                canvas = Image.new("RGB", (width, im.height), "white")
+                canvas.paste(im, ((width - im.width) // 2, 0))
+                im = canvas
+            im.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
     except (ImportError, AttributeError, OSError):
         path.write_bytes(buf.getvalue())
+
+
+def failed_band(ax, strip: list[tuple[float, str, str, str]], strip_rows: dict[str, int]) -> float:
+    """Failed cells without a value, in a grey band above the axes (outside the data), one row per
+    series at the cell's token count. Returns the band's height in points (the title goes above it)."""
+    if not strip:
+        return 0.0
+    n = len(strip_rows)
+    frac = min(0.04 * n + 0.03, 0.4)
+    band = ax.inset_axes([0.0, 1.02, 1.0, frac], sharex=ax)
+    band.set_facecolor("0.93")
+    band.set_ylim(-0.7, n - 0.3)
+    band.set_yticks([])
+    band.tick_params(axis="x", which="both", bottom=False, labelbottom=False)
+    for side in band.spines.values():
+        side.set_visible(False)
+    band.text(-0.01, 0.5, "failed,\nno value", transform=band.transAxes, ha="right", va="center", fontsize=7.5,
+              color="0.3")
+    for t, status, color, name in strip:
+        band.plot([t], [n - 1 - strip_rows[name]], linestyle="none", marker=STATUS_MARKERS[status][0],
+                  markersize=6.5, markerfacecolor=color, markeredgecolor="black", markeredgewidth=0.6, clip_on=False)
+    height_pt = ax.figure.get_figheight() * 72 * ax.get_position().height
+    return (frac + 0.02) * height_pt

@@ -44,12 +44,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
+from . import fmt
 from . import run as run_mod
 from .bars import _speedup_bars, bar_figure
-from .draw import (AI_LABEL, PLOTS_DIR, STATUS_MARKERS, Style, _fit_text, _legend, _new_figure,  # noqa: F401
-                   _status_handles, _token_axis, label_styles, save_png, span_ok, title_for)
+from .draw import (AI_LABEL, LEGEND_FONT, PLOTS_DIR, STATUS_MARKERS, Style, _fit_text, _legend, _new_figure,  # noqa: F401
+                   _status_handles, _token_axis, failed_band, label_styles, save_png, span_ok, title_for)
 from .fit import Fit, theoretical_exponent
 from .run import (DEFAULT_PAIRS, FAILED, METRICS, Run, _ok, _series_keys, _value, device_peaks,  # noqa: F401
                   exponent_rows, fit_series, metric_of, predicted, roofline_points, series_of, speedups)
@@ -150,15 +151,8 @@ def metric_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) ->
     if finite:
         lo, hi = min(finite), max(finite)
         span = max(math.log10(hi / lo), 0.5)
-        head = 0.06 + (0.035 * min(len(strip_rows), 7) + 0.04 if strip else 0.0)  # room for the strip
-        ax.set_ylim(lo / 10 ** (0.06 * span), hi * 10 ** (span * head / (1 - head) + 0.04 * span))
-    if strip:
-        trans = ax.get_xaxis_transform()  # x in data, y in axes fraction
-        n = len(strip_rows)
-        for t, status, color, name in strip:
-            yfrac = 0.975 - 0.035 * strip_rows[name] if n <= 6 else 0.975 - 0.21 * strip_rows[name] / max(n - 1, 1)
-            ax.plot([t], [yfrac], transform=trans, linestyle="none", marker=STATUS_MARKERS[status][0], markersize=7,
-                    markerfacecolor=color, markeredgecolor="black", markeredgewidth=0.7, zorder=5, clip_on=False)
+        ax.set_ylim(lo / 10 ** (0.06 * span), hi * 10 ** (0.08 * span))
+    strip_pad = failed_band(ax, strip, strip_rows)
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
     extra = []
@@ -173,18 +167,18 @@ def metric_figure(run: Run, g: pd.DataFrame, key: str, dtype: str, mode: str) ->
         extra.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="0.3",
                             markeredgewidth=1.5, label="counted, not measured (hollow status marker)"))
     if strip:
-        extra.append(Line2D([], [], linestyle="none", label="markers along the top: failed, no value\n"
-                                                             "(one row per series, at its token count)"))
+        extra.append(Line2D([], [], linestyle="none", marker="s", markerfacecolor="0.93", markeredgecolor="0.93",
+                            markersize=9, label="band above the plot: failed, no value (a row per series)"))
     legend_title = "k: cost ~ N^k over the large-token part, ±1 s.e." if metric.fit else None
     _legend(ax, handles + extra + _status_handles(statuses), legend_title)
-    ax.set_title(title_for(run, f"{metric.title} vs tokens", dtype, mode, g), fontsize=10, pad=10)
+    ax.set_title(title_for(run, f"{metric.title} vs tokens", dtype, mode, g), fontsize=10, pad=8 + strip_pad)
     return fig, info
 
 
 def exponent_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]]:
     rows = exponent_rows(run, g)
     n = len(rows)
-    fig, ax = _new_figure(10.0, max(3.0, 1.4 + 0.42 * n))
+    fig, ax = _new_figure(height=max(3.0, 1.4 + 0.42 * n))
     ys = np.arange(n)[::-1]
     kinds = [("latency", "o", 0.18, "latency"), ("memory", "^", 0.0, "peak memory"), ("flops", "s", -0.18, "FLOPs")]
     xs = [0.0, 2.2]
@@ -201,11 +195,6 @@ def exponent_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[F
             xs += [f.k - (f.stderr if f.stderr == f.stderr else 0), f.k + (f.stderr if f.stderr == f.stderr else 0)]
         if r["theory"] is not None:
             ax.plot([r["theory"]], [y], marker="|", markersize=22, markeredgewidth=2.5, color="black", zorder=5)
-        lat = r["latency"]
-        note = (f"latency: {lat.text()} over N {lat.n_min:.0f}..{lat.n_max:.0f} ({lat.n_points} pts)" if lat
-                else f"latency: no fit ({r['ok_points']} measured)")
-        ax.annotate(note, xy=(1.01, y), xycoords=("axes fraction", "data"), fontsize=7.5, va="center",
-                    color="0.25")
     for ref in (1, 2):
         ax.axvline(ref, color="0.6", linestyle="--", linewidth=0.8, zorder=0)
     finite = [v for v in xs if v == v and abs(v) < 10]
@@ -224,12 +213,22 @@ def exponent_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[F
     handles.append(Line2D([], [], linestyle="none", marker="|", markersize=14, markeredgewidth=2.5, color="black",
                           label="theory (family)"))
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4,
-              fontsize=8, frameon=False)
+              fontsize=LEGEND_FONT, frameon=False)
     ax.set_title(title_for(run, "fitted growth exponents", dtype, mode, g), fontsize=10, pad=26)
     return fig, {"rows": rows}
 
 
 # ------------------------------------------------------------------------------------------- pairs
+
+
+def speedup_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks of a log speed-up axis: powers of two (0.25x, 0.5x, 1x, 2x, 4x ...) and, over less than
+    two octaves, the halves between them (0.75x, 1.5x, 3x ...)."""
+    k0, k1 = math.floor(math.log2(lo)), math.ceil(math.log2(hi))
+    ticks = [2.0 ** k for k in range(k0, k1 + 1)]
+    if k1 - k0 <= 3:
+        ticks += [1.5 * 2.0 ** k for k in range(k0, k1)]
+    return sorted(t for t in ticks if lo <= t <= hi) or [1.0]
 
 
 def speedup_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]] | None:
@@ -249,19 +248,21 @@ def speedup_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Fi
         ax.plot(s["tokens"], s["speedup"], color=st.color, marker=st.marker, linestyle=styles[i // 10 % 4],
                 linewidth=1.6, markersize=6)
         last = s.iloc[-1]
-        ax.annotate(f"{last['speedup']:.2g}x", (last["tokens"], last["speedup"]), textcoords="offset points",
-                    xytext=(6, 0), fontsize=7.5, color=st.color, va="center")
+        ax.annotate(fmt.times(last["speedup"]), (last["tokens"], last["speedup"]), textcoords="offset points",
+                    xytext=(6, 0), fontsize=8, color=st.color, va="center")
         handles.append(Line2D([], [], color=st.color, marker=st.marker, linestyle=styles[i // 10 % 4], label=name))
     ax.axhline(1.0, color="black", linewidth=0.9)
     ax.set_yscale("log")
     lo, hi = float(sp["speedup"].min()), float(sp["speedup"].max())
     lo, hi = min(lo, 0.8), max(hi, 1.25)
     ax.set_ylim(lo / 1.25, hi * 1.25)
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.3g}x"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: f"{v:.2g}x" if span_ok(lo, hi) else ""))
-    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.yaxis.set_major_locator(FixedLocator(speedup_ticks(lo / 1.25, hi * 1.25)))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}x"))
     ax.set_ylabel("speed-up (baseline latency / candidate latency)\n> 1: the first-named is faster")
     _token_axis(ax, run, g["tokens"].to_numpy(dtype=float))
+    x0, x1 = ax.get_xlim()
+    ax.set_xlim(x0, x1 * (x1 / x0) ** 0.06)  # room for the last value's label
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
     _legend(ax, handles, "candidate over baseline")
@@ -275,21 +276,33 @@ def speedup_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Fi
 # ---------------------------------------------------------------------------------------- roofline
 
 
+def roofline_flops(g: pd.DataFrame) -> tuple[str, str]:
+    """(column, words) of the one FLOP count a roofline uses: the analytic count of the FLOPs table in
+    forward mode; torch's forward + backward count in train mode (the analytic one is forward only)."""
+    if (g["mode"] == "train").all() and "flops_torch_fwd_bwd" in g and (g["flops_torch_fwd_bwd"] > 0).any():
+        return "flops_torch_fwd_bwd", "torch FlopCounterMode, forward + backward, 2 per MAC"
+    return "flops_analytic", "analytic, forward, 2 per MAC (the FLOPs table's count)"
+
+
 def roofline_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[Figure, dict[str, Any]] | None:
     peak, bw = device_peaks(run.env, dtype)
     pts = roofline_points(run, g)
     if peak is None or pts.empty:
         return None
+    column, words = roofline_flops(g)
+    pts = pts.copy()
+    counted = pts[column].where(pts[column] > 0)
+    pts["flops"] = counted.fillna(pts["flops"])
+    pts["ai"] = pts["flops"] / pts["bytes"]
+    pts["tflops"] = pts["flops"] / (pts["latency_ms_median"] / 1e3) / 1e12
     fig, ax = _new_figure()
     handles = []
     for name, label, rows in series_of(run, pts):
         st = run.styles.get(label, Style("black", "o"))
+        if run.by_shape:
+            rows = rows.set_index("shape").reindex([s for s in run_mod.shape_order(run, g) if s in set(rows["shape"])])
         ax.plot(rows["ai"], rows["tflops"], color=st.color, marker=st.marker, linewidth=1.0, markersize=6,
                 alpha=0.9)
-        if run.by_shape:
-            for _, r in rows.iterrows():
-                ax.annotate(r["shape"], (r["ai"], r["tflops"]), textcoords="offset points", xytext=(4, 3), fontsize=7,
-                            color=st.color)
         handles.append(Line2D([], [], color=st.color, marker=st.marker, label=name))
     ai_lo, ai_hi = float(pts["ai"].min()), float(pts["ai"].max())
     ridge = peak * 1e12 / (bw * 1e9) if bw else None
@@ -298,14 +311,6 @@ def roofline_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[F
     xs = np.logspace(math.log10(x_lo), math.log10(x_hi), 200)
     roof = np.minimum(peak, xs * bw * 1e9 / 1e12) if bw else np.full_like(xs, peak)
     ax.plot(xs, roof, color="black", linewidth=2)
-    # labels above the ceiling, where no measurement can be
-    peak_text = f"matmul peak {peak:.3g} TFLOP/s ({dtype}, measured)"
-    if ridge and math.log10(x_hi / ridge) < 0.4 * math.log10(x_hi / x_lo):  # little room right of the ridge
-        ax.annotate(peak_text, (ridge / 1.15, peak), textcoords="offset points", xytext=(0, 4), ha="right",
-                    va="bottom", fontsize=8)
-    else:
-        ax.annotate(peak_text, ((ridge or x_lo) * 1.15, peak), textcoords="offset points", xytext=(0, 4), ha="left",
-                    va="bottom", fontsize=8)
     if bw:
         ax.axvline(ridge, color="0.6", linestyle=":", linewidth=0.8)
     ax.set_xscale("log")
@@ -313,20 +318,19 @@ def roofline_figure(run: Run, g: pd.DataFrame, dtype: str, mode: str) -> tuple[F
     ax.set_xlim(x_lo, x_hi)
     y_lo = min(float(pts["tflops"].min()), float(roof.min())) / 2
     ax.set_ylim(y_lo, peak * 2.5)
-    if bw:  # along the sloped part of the ceiling, above it (where no measurement can be)
-        xb = math.sqrt(x_lo * ridge)
-        p1, p2 = ax.transData.transform([(xb, xb * bw / 1e3), (xb * 2, xb * 2 * bw / 1e3)])
-        angle = math.degrees(math.atan2(p2[1] - p1[1], p2[0] - p1[0]))
-        ax.annotate(f"copy bandwidth {bw:.3g} GB/s (measured)", (xb, xb * bw / 1e3), textcoords="offset points",
-                    xytext=(0, 4), ha="center", va="bottom", fontsize=8, rotation=angle, rotation_mode="anchor")
-    ax.set_xlabel(AI_LABEL, fontsize=9)
-    ax.set_ylabel("achieved TFLOP/s (torch FLOP count / median latency)")
+    ax.set_xlabel(AI_LABEL, fontsize=8.5)
+    ax.set_ylabel("achieved TFLOP/s\n(FLOPs / median latency)")
+    ax.text(0.01, 0.98, f"FLOPs: {words}", transform=ax.transAxes, ha="left", va="top", fontsize=8, color="0.25")
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
-    handles.append(Line2D([], [], color="black", linewidth=2, label="ceiling: min(peak, AI x bandwidth)"))
-    _legend(ax, handles, None if run.by_shape else "points: resolutions, increasing N to the right")
+    ceiling = f"ceiling: matmul peak {fmt.sig(peak)} TFLOP/s ({dtype}, measured)"
+    if bw:
+        ceiling += f",\ncopy bandwidth {fmt.sig(bw)} GB/s (measured); dotted: the ridge"
+    handles.append(Line2D([], [], color="black", linewidth=2, label=ceiling))
+    _legend(ax, handles, "points: stages in order S1 → S4 along each line" if run.by_shape
+            else "points: resolutions, N increasing to the right", ncol=1 if len(handles) < 6 else 2)
     ax.set_title(title_for(run, "roofline", dtype, mode, g), fontsize=10)
-    return fig, {"points": pts, "peak_tflops": peak, "copy_gb_s": bw}
+    return fig, {"points": pts, "peak_tflops": peak, "copy_gb_s": bw, "flops": column}
 
 
 # ------------------------------------------------------------------------------------------ driver

@@ -9,19 +9,21 @@ exponents, the speed-ups, the plots, and every noisy, throttled or failed cell.
 
 from __future__ import annotations
 
-import base64
 import html
+import json
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from ..errors import AttnbenchError
+from ..schema import Status, status_word
+from . import fmt, page, summary
 from . import run as runs
 from .fit import Fit
-from .summary import TABLES, attention_cells, summary_text, table  # shared with the run summary
+from .headline import Headline, headline
+from .summary import TABLES, attention_cells, best_cells, headings, summary_text, table, titled  # shared with the run summary
 
 REPORT_DIR = "report"
 
@@ -48,16 +50,6 @@ def _md(header: list[str], rows: list[list[str]], align_right_from: int = 1) -> 
              "|" + "|".join(":---" if i < align_right_from else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def _html_table(header: list[str], rows: list[list[str]], align_right_from: int = 1) -> str:
-    out = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>",
-           "<tbody>"]
-    for r in rows:
-        out.append("<tr>" + "".join(f"<td class=\"{'num' if i >= align_right_from else 'txt'}\">{html.escape(c)}</td>"
-                                    for i, c in enumerate(r)) + "</tr>")
-    out.append("</tbody></table>")
-    return "\n".join(out)
 
 
 def _filter(df: pd.DataFrame, impl: str | None, resolution: str | int | None, dtype: str | None,
@@ -130,10 +122,10 @@ def environment_rows(run: runs.Run) -> list[list[str]]:
         rows.append(["started (UTC)", str(env["created_utc"])])
     peaks = env.get("peaks")
     if isinstance(peaks, dict) and (peaks.get("matmul_tflops") or peaks.get("copy_gb_s")):
-        mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in (peaks.get("matmul_tflops") or {}).items()
+        mm = ", ".join(f"{k} {fmt.sig(v)} TFLOP/s" for k, v in (peaks.get("matmul_tflops") or {}).items()
                        if isinstance(v, (int, float)))
         bw = peaks.get("copy_gb_s")
-        rows.append(["measured peaks", f"matmul {mm or '-'}; copy {f'{bw:.3g} GB/s' if bw else '-'}"])
+        rows.append(["measured peaks", f"matmul {mm or '-'}; copy {f'{fmt.sig(bw)} GB/s' if bw else '-'}"])
     else:
         rows.append(["measured peaks", "not in env.json (run predates them or measure_peaks: false): no roofline"])
     s = run.suite
@@ -148,7 +140,7 @@ def environment_rows(run: runs.Run) -> list[list[str]]:
 
 
 def _fit_cell(f: Fit | None) -> str:
-    return f"{f.k:.2f} ± {f.stderr:.2f}" if f else "-"
+    return fmt.exponent(f.k, f.stderr) if f else "-"
 
 
 def exponent_table(run: runs.Run) -> tuple[list[str], list[list[str]]]:
@@ -174,26 +166,30 @@ def speedup_table(run: runs.Run) -> tuple[list[str], list[list[str]]]:
     col = "shape" if run.by_shape else "resolution"
     keys = ["pair"] + [c for c in ("dtype", "mode", "batch", "dim", "heads")
                        if sp[c].nunique() > 1 and not (run.by_shape and c in ("dim", "heads"))]
-    sp = sp.assign(_v=[f"{v:.2f}x" for v in sp["speedup"]])
+    sp = sp.assign(_v=[fmt.times(v) for v in sp["speedup"]])
     t = sp.pivot_table(index=keys, columns=col, values="_v", aggfunc="first", sort=False)
     if not run.by_shape:
         t = t[sorted(t.columns)]
     else:
         t = t[[s for s in runs.shape_order(run, run.df) if s in t.columns]]
     t.columns.name = col
-    return _flat(t.fillna(""))
+    header, rows = _flat(t.fillna(""))
+    return header[:len(keys)] + headings(run.df, t.columns), rows
 
 
 PLOT_CAPTIONS = {
-    "latency": "Latency against tokens (log-log). k: fitted growth exponent over the large-token part, ±1 s.e.; "
-               "crosses: cells over budget (or out of memory) at the latency predicted from FLOPs.",
-    "memory": "Peak memory of one call against tokens (log-log); markers along the top: cells without a value.",
+    "latency": "Latency against tokens (log-log), bars p10..p90. k: fitted growth exponent over the large-token "
+               "part, ±1 s.e.; X on a dotted line: over budget (or out of memory), drawn at the latency predicted "
+               "from FLOPs, not measured; grey band above the plot: failed cells without a value.",
+    "memory": "Peak memory of one call against tokens (log-log); grey band above the plot: cells without a value.",
     "flops": "Analytic FLOPs against tokens (log-log): counted for every cell, failed ones hollow.",
     "throughput": "Throughput against tokens (log-log).",
     "exponents": "Fitted growth exponents (latency, peak memory, FLOPs) next to each family's theoretical exponent.",
     "speedup": "Speed-ups: baseline latency over candidate latency, cell by cell (> 1: the candidate is faster).",
     "roofline": "Achieved TFLOP/s against arithmetic intensity under the measured matmul peak and copy bandwidth. "
-                "Intensity = FLOPs / (dtype bytes x (parameters + 2 x batch x tokens x dim)).",
+                "One FLOP count, named on the figure: the analytic one of the FLOPs table (forward), torch's "
+                "forward + backward count in train mode. Intensity = FLOPs / (dtype bytes x (parameters + 2 x "
+                "batch x tokens x dim)).",
 }
 
 
@@ -212,107 +208,159 @@ def _caption(name: str, by_shape: bool = False) -> str:
 
 # ------------------------------------------------------------------------------------------- report
 
+FIGURE_OF = {"latency_ms_median": "latency", "peak_mem_bytes": "memory", "flops_analytic": "flops",
+             "throughput_img_s": "throughput"}
+STATUS_WORDS = {status_word(s): s.value for s in Status if s is not Status.OK}
 
-def build_sections(run: runs.Run, pngs: list[Path]) -> list[tuple[str, str, Any]]:
-    """The report as (kind, title, payload) sections, rendered to Markdown and HTML alike."""
-    sections: list[tuple[str, str, Any]] = []
-    sections.append(("table", "Environment", (["", ""], environment_rows(run), 99)))
-    for title, col, scale, fmt in TABLES:
-        sections.append(("table", title[0].upper() + title[1:], (*_flat(table(run.df, col, scale, fmt)), 1)))
+
+def metric_table(run: runs.Run, col: str) -> page.Table:
+    """A summary table for the page: headings with px and tokens (or the stage's shape), statuses as
+    badges, the best value of each column marked, the p10..p90 spread of each latency as its tooltip."""
+    df = run.df
+    t = table(df, col)
+    best = best_cells(df, col).reindex_like(t).fillna(False).astype(bool)
+    tips = summary._pivot(df, [f"p10-p90 {fmt.spread(r['latency_ms_p10'], r['latency_ms_p90'])} of "
+                               f"{int(r['latency_n']) if r['latency_n'] == r['latency_n'] else '?'} timed calls"
+                               if col == "latency_ms_median" and r["status"] == Status.OK else ""
+                               for _, r in df.iterrows()]).reindex_like(t).fillna("")
+    lead = len(t.index.names)
+    header = [n or "" for n in t.index.names] + headings(df, t.columns)
+    rows = []
+    for i, idx in enumerate(t.index):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        cells = [page.Cell(str(v), "txt") for v in idx]
+        for j, text in enumerate(t.iloc[i]):
+            if text in STATUS_WORDS:
+                cells.append(page.Cell(text, "status", status=STATUS_WORDS[text]))
+            else:
+                kind = "best" if best.iloc[i, j] else "noisy" if text.endswith(fmt.NOISY_MARK) else "num"
+                cells.append(page.Cell(text, kind, str(tips.iloc[i, j])))
+        rows.append(cells)
+    note = "Bold on green: the best value of its column." if fmt.better(col) else ""
+    if col == "latency_ms_median":
+        note += " ~: noisy (IQR > 10% of the median). Hover a value for the p10-p90 spread of its timed calls."
+    return page.Table(header, rows, lead, note.strip())
+
+
+def spread_table(run: runs.Run) -> page.Table:
+    t = summary._pivot(run.df, [fmt.spread(r["latency_ms_p10"], r["latency_ms_p90"]) if r["status"] == Status.OK
+                                else status_word(r["status"]) for _, r in run.df.iterrows()]).fillna("")
+    header, rows = _flat(t)
+    header = header[:len(t.index.names)] + headings(run.df, t.columns)
+    return page.text_table(header, rows, len(t.index.names))
+
+
+def rows_csv(run: runs.Run) -> str:
+    d = run.df.copy()
+    d["params"] = [json.dumps(p, sort_keys=True) for p in d["params"]]
+    return d.to_csv(index=False)
+
+
+def _figures(pngs: list[Path], kind: str, by_shape: bool) -> list[tuple[Path, str]]:
+    return [(p, _caption(p.name, by_shape)) for p in pngs if p.name.split("-")[0] == kind]
+
+
+def build_sections(run: runs.Run, pngs: list[Path]) -> list[page.Section]:
+    """The report's sections, rendered to Markdown and HTML alike (the headline comes first, apart)."""
+    secs: list[page.Section] = []
+    for title, col, _scale, _fmt in TABLES:
+        kind = FIGURE_OF.get(col, "")
+        short = fmt.COLUMNS.get(col, (None, titled(title), ""))[1]
+        long = titled(title)[0].upper() + titled(title)[1:] + "."
+        s = page.Section(short[0].upper() + short[1:], long if long.lower() != short.lower() + "." else "",
+                         tables=[metric_table(run, col)], figures=_figures(pngs, kind, run.by_shape),
+                         anchor=kind or col.replace("_", "-"))
+        if col == "latency_ms_median":
+            s.folded.append(("latency spread: p10-p90 of the timed calls", spread_table(run)))
+        secs.append(s)
     header, rows = exponent_table(run)
     if rows:
-        sections.append(("text", "Growth exponents",
-                         "Cost ~ N^k: least squares of log(cost) on log(tokens) over the large-token part of each "
-                         "curve (measured cells at or above the median token count, at least 3; FLOPs over all "
-                         "cells), ± one standard error. Theory: the family's exponent for large N."))
-        sections.append(("table", "", (header, rows, 3)))
+        secs.append(page.Section(
+            "Growth exponents", "Cost ~ N^k: least squares of log(cost) on log(tokens) over the large-token part of "
+            "each curve (measured cells at or above the median token count, at least 3; FLOPs over all cells), ± one "
+            "standard error. Theory: the family's exponent for large N.", [page.text_table(header, rows, 3)],
+            _figures(pngs, "exponents", run.by_shape), anchor="exponents"))
     header, rows = speedup_table(run)
     if rows:
-        sections.append(("text", "Speed-ups", "Baseline latency / candidate latency for matching cells "
-                                              "(> 1: the first-named is faster)."))
-        sections.append(("table", "", (header, rows, 1)))
-    sections.append(("plots", "Plots", pngs))
+        lead = len([h for h in header if h in ("pair", "dtype", "mode", "batch", "dim", "heads")])
+        secs.append(page.Section("Speed-ups", "Baseline latency / candidate latency for matching cells (> 1: the "
+                                 "first-named is faster).", [page.text_table(header, rows, lead)],
+                                 _figures(pngs, "speedup", run.by_shape), anchor="speedup"))
+    roof = _figures(pngs, "roofline", run.by_shape)
+    if roof:
+        secs.append(page.Section("Roofline", PLOT_CAPTIONS["roofline"], figures=roof, anchor="roofline"))
     cells = attention_cells(run.df)
     failed = [c for c in cells if c["kind"] == "failed"]
-    noisy = [c for c in cells if c["kind"] in ("noisy", "throttled", "drift")]
+    noisy = [c for c in cells if c["kind"] not in ("failed", "skipped")]
     skipped = [c for c in cells if c["kind"] == "skipped"]
-    sections.append(("text", "Cells to look at",
-                     f"{len(failed)} failed, {len(skipped)} not tried after a failure at a smaller size, "
-                     f"{len([c for c in noisy if c['kind'] == 'noisy'])} noisy (IQR > 10% of the median), "
-                     f"{len([c for c in noisy if c['kind'] == 'throttled'])} throttled, "
-                     f"{len([c for c in noisy if c['kind'] == 'drift'])} measured while the device's speed had "
-                     "drifted more than 10% from the start of the run."))
-    if failed:
-        sections.append(("table", "Failed cells", (["status", "cell", "message"],
-                                                   [[c["status"], c["cell"], c["detail"]] for c in failed], 99)))
-    if skipped:
-        sections.append(("table", "Not tried (status of the failure that stopped the series)",
-                         (["status", "cell", "message"], [[c["status"], c["cell"], c["detail"]] for c in skipped],
-                          99)))
-    if noisy:
-        sections.append(("table", "Noisy, throttled or drifted cells", (["kind", "cell", "detail"],
-                                                               [[c["kind"], c["cell"], c["detail"]] for c in noisy],
-                                                               99)))
-    return sections
+    look = page.Section("Cells to look at", f"{len(failed)} failed, {len(skipped)} not tried after a failure at a "
+                        f"smaller size, {len([c for c in noisy if c['kind'] == 'noisy'])} noisy (IQR > 10% of the "
+                        f"median), {len([c for c in noisy if c['kind'] == 'throttled'])} throttled, "
+                        f"{len([c for c in noisy if c['kind'] == 'drift'])} measured while the device's speed had "
+                        "drifted more than 10% from the start of the run.", anchor="cells")
+    for what, items, head in (("Failed cells", failed, "status"), ("Not tried (status of the failure that stopped "
+                              "the series)", skipped, "status"), ("Noisy, throttled or drifted cells", noisy, "kind")):
+        if items:
+            t = page.Table([head, "cell", "message" if head == "status" else "detail"],
+                           [[page.Cell(c["status"], "status", status=c["status"]) if head == "status"
+                             else page.Cell(c["kind"], "txt"), page.Cell(c["cell"], "txt"),
+                             page.Cell(c["detail"], "txt")] for c in items], 3)
+            look.folded.append((f"{what}: {len(items)}", t))
+    secs.append(look)
+    secs.append(page.Section("Environment", folded=[("device, software, suite settings",
+                                                     page.text_table(["", ""], environment_rows(run), 2))],
+                             anchor="environment"))
+    secs.append(page.Section("Raw data", f"The {len(run.df)} rows of the run (one per cell, without the per-call "
+                             "samples) as CSV: rows.csv beside this report, or the download link below (inside this "
+                             "file).", anchor="data"))
+    return secs
 
 
-def _markdown(run: runs.Run, sections, generated: str) -> str:
-    out = [f"# attnbench report: {run.name}", "",
-           f"{runs.device_name(run.env, run.df)} · run folder `{run.path}` · generated {generated} by "
-           f"`attnbench report`", ""]
-    for kind, title, payload in sections:
-        if title:
-            out += [f"## {title}", ""]
-        if kind == "table":
-            header, rows, right = payload
-            out += [_md(header, rows, right), ""]
-        elif kind == "text":
-            out += [payload, ""]
-        elif kind == "plots":
-            for p in payload:
-                out += [f"![{p.stem}]({p.name})", "", f"*{p.name}*: {_caption(p.name, run.by_shape)}", ""]
+def head_html(run: runs.Run, h: Headline, generated: str) -> str:
+    e = html.escape
+    out = [f"<h1>{e(h.suite)}</h1>"]
+    sub = " · ".join(x for x in (h.description, h.device, ", ".join(h.groups)) if x)
+    out.append(f'<p class="sub">{e(sub)}</p>')
+    out.append('<div class="headline" id="headline">')
+    out.append('<div class="counts">' + f"<b>{h.total} cells:</b> "
+               + " ".join(page.badge(s, f"{n} {s.replace('_', ' ')}") for s, n in h.counts) + "</div>")
+    out.append('<div class="answers">')
+    for a in h.answers:
+        out.append(f'<div class="{"warn" if a.warn else "answer"}"><h3>{e(a.title)}</h3><ul>'
+                   + "".join(f"<li>{e(x)}</li>" for x in a.lines) + "</ul></div>")
+    out.append("</div></div>")
+    out.append(f'<p class="sub">run folder <code>{e(str(run.path))}</code> · generated {e(generated)} by '
+               f"<code>attnbench report</code></p>")
     return "\n".join(out)
 
 
-CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1250px;
-       padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.85em; }
-th, td { border: 1px solid #ddd; padding: 0.2em 0.55em; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { font-size: 0.85em; color: #555; }
-"""
-
-
-def _html(run: runs.Run, sections, generated: str) -> str:
-    e = html.escape
-    out = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-           f"<title>attnbench report: {e(run.name)}</title>", f"<style>{CSS}</style></head><body>",
-           f"<h1>attnbench report: {e(run.name)}</h1>",
-           f"<p>{e(runs.device_name(run.env, run.df))} · run folder <code>{e(str(run.path))}</code> · generated "
-           f"{e(generated)} by <code>attnbench report</code></p>"]
-    for kind, title, payload in sections:
-        if title:
-            out.append(f"<h2>{e(title)}</h2>")
-        if kind == "table":
-            header, rows, right = payload
-            out.append(_html_table(header, rows, right))
-        elif kind == "text":
-            out.append(f"<p>{e(payload)}</p>")
-        elif kind == "plots":
-            for p in payload:
-                data = base64.b64encode(p.read_bytes()).decode("ascii")
-                out.append(f"<figure><img alt=\"{e(p.stem)}\" src=\"data:image/png;base64,{data}\">"
-                           f"<figcaption><b>{e(p.name)}</b>: {e(_caption(p.name, run.by_shape))}</figcaption></figure>")
-    out.append("</body></html>")
+def _markdown(run: runs.Run, h: Headline, sections: list[page.Section], generated: str) -> str:
+    out = [f"# attnbench report: {run.name}", "",
+           f"{h.description + ' · ' if h.description else ''}{h.device} · run folder `{run.path}` · generated "
+           f"{generated} by `attnbench report`", "",
+           f"**{h.total} cells:** " + ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in h.counts), ""]
+    for a in h.answers:
+        out += [f"**{a.title}**", ""] + [f"- {x}" for x in a.lines] + [""]
+    for s in sections:
+        out += [f"## {s.title}", ""]
+        if s.text:
+            out += [s.text, ""]
+        for name, t in [("", t) for t in s.tables] + s.folded:
+            out += [f"### {name[0].upper()}{name[1:]}", ""] if name else []
+            out += [_md(t.header, [[f"**{c.text}**" if c.kind == "best" else c.text for c in r] for r in t.rows],
+                        t.lead), ""]
+            if t.caption:
+                out += [t.caption, ""]
+        for p, caption in s.figures:
+            out += [f"![{p.stem}]({p.name})", "", f"*{p.name}*: {caption}", ""]
+        if s.anchor == "data":
+            out += ["[rows.csv](rows.csv)", ""]
     return "\n".join(out)
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Plot the run, then write ``RUN_DIR/report/report.md`` (with copies of the PNGs) and
-    ``RUN_DIR/report/report.html`` (one file, PNGs embedded). Returns (md path, html path)."""
+    """Plot the run, then write ``RUN_DIR/report/report.md`` (with copies of the PNGs and rows.csv) and
+    ``RUN_DIR/report/report.html`` (one file: PNGs and rows embedded). Returns (md path, html path)."""
     from .plots import plot_run  # the only part of the report that needs matplotlib
 
     pngs = plot_run(run_dir)
@@ -326,8 +374,13 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         shutil.copyfile(p, out / p.name)
         copies.append(out / p.name)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    h = headline(run)
     sections = build_sections(run, copies)
+    csv_text = rows_csv(run)
+    (out / "rows.csv").write_text(csv_text)
     md_path, html_path = out / "report.md", out / "report.html"
-    md_path.write_text(_markdown(run, sections, generated))
-    html_path.write_text(_html(run, sections, generated))
+    md_path.write_text(_markdown(run, h, sections, generated))
+    sections[-1].raw_html = f'<p>{page.csv_link(csv_text, f"{run.name}-rows.csv")}</p>'
+    doc = page.page(f"attnbench report: {run.name}", head_html(run, h, generated), sections)
+    html_path.write_text(doc)
     return md_path, html_path
