@@ -50,6 +50,11 @@ TARGETS: dict[str, Target] = {
                                   "timing": {"warmup_s": 0.1, "target_s": 0.5, "min_repeats": 3, "max_repeats": 10},
                                   "budget": {"cell_time_s": 40, "memory_fraction": 0.6}}},
         cpu_note="on a CPU: batch 1 and Swin-T only (the paper: one V100, batch 64, Swin-T/S/B)"),
+    "mvitv2-attention": Target(
+        ("mvitv2_attention.yaml",), tables_mod.mvitv2_attention,
+        cpu={"mvitv2_attention.yaml": {"batch": 1, "timing": {"warmup_s": 0.1, "target_s": 0.5, "min_repeats": 3,
+                                                                "max_repeats": 10}}},
+        cpu_note="on a CPU: batch 1 (memory: the resident set's growth, coarse; on a GPU: the allocator's peak)"),
     "nat-speed": Target(
         ("local_vs_window.yaml",), tables_mod.nat_speed,
         cpu={"local_vs_window.yaml": {"batch": 1, "resolution": [28, 112, 224]}},

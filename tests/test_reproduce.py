@@ -116,3 +116,17 @@ def test_slide_speed_per_kernel():
     assert [(ln.column, ln.method, ln.measured_ratio) for ln in table.lines] == [
         ("k=3, 224 px", "im2col", 1.0), ("k=3, 224 px", "slide", 3.0)]
     assert table.lines[1].paper_ratio == 3.9
+
+
+def test_mvitv2_attention_costs_relative_to_mha():
+    rows = []
+    for impl, macs, mem in [("mha.sdpa", 17.6e9, 4 * 2**30), ("swin.window", 17.0e9, 3 * 2**30)]:
+        rows.append(make_row(impl=impl, model="vit_base_patch16_224", macs_fvcore=2 * macs, batch=2))
+        rows.append(make_row(impl=impl, model="vit_base_patch16_224", mode="train", peak_mem_bytes=mem, batch=2))
+    (table,) = R.mvitv2_attention(rows, PAPER)
+    by = {(ln.column, ln.method): ln for ln in table.lines}
+    assert by["GMACs per image", "window"].measured == pytest.approx(17.0)
+    assert by["GMACs per image", "window"].measured_ratio == pytest.approx(17.0 / 17.6)
+    assert by["training memory, GiB", "window"].measured_ratio == 0.75
+    assert by["training memory, GiB", "window"].paper_ratio == pytest.approx(9.7 / 12.4)
+    assert math.isnan(by["GMACs per image", "hwin"].measured)

@@ -219,6 +219,39 @@ def slide_speed(rows: list[dict[str, Any]], paper: dict[str, Any] | None = None)
                   notes)] if lines else []
 
 
+MVIT_ATTENTION = {
+    "mha": ("mha.sdpa",),
+    "window": ("swin.window",),
+    "shifted": ("shifted=swin.shift_cyclic,window=swin.window",),
+    "hwin": ("global=mha.sdpa,shifted=swin.window,window=swin.window",),
+    "pooling": ("mvit.pool(rel_pos_size=14,stride_kv=2)",),
+}
+
+
+def mvitv2_attention(rows: list[dict[str, Any]], paper: dict[str, Any] | None = None) -> list[Table]:
+    """MViTv2's attention ablation from the rows of ``mvitv2_attention``: whole-model GMACs per image
+    (forward rows, fvcore) and the training step's peak memory (train rows), each as a cost relative
+    to full MHA (lower is cheaper; the paper's GFLOPs are MACs)."""
+    spec = (paper or papers())["mvitv2-attention"]
+    ok = [r for r in _ok(rows) if r.get("model")]
+    lines = []
+    for method, row in spec["rows"].items():
+        fwd = [r for r in ok if r.get("mode") == "forward" and r.get("impl") in MVIT_ATTENTION[method]]
+        train = [r for r in ok if r.get("mode") == "train" and r.get("impl") in MVIT_ATTENTION[method]]
+        macs = fwd[0]["macs_fvcore"] / fwd[0]["batch"] / 1e9 if fwd and fwd[0].get("macs_fvcore") else math.nan
+        mem = train[0]["peak_mem_bytes"] / 2 ** 30 if train and train[0].get("peak_mem_bytes") else math.nan
+        lines.append(Line("GMACs per image", method, row["label"], row["gflops"], macs,
+                          source=fwd[0]["impl"] if fwd else "not measured"))
+        lines.append(Line("training memory, GiB", method, row["label"], row["train_mem_gb"], mem,
+                          source=f"{train[0]['impl']} ({train[0].get('peak_mem_method', '')}, batch "
+                                 f"{train[0]['batch']})" if train else "not measured"))
+    _ratios(lines, spec["reference_row"], higher_is_faster=True)  # value / MHA's: relative cost
+    notes = _batch_notes(ok) + ["ratios here are costs relative to full MHA (lower is cheaper); the paper's memory "
+                                "is a training run's, ours one training step's peak above what was held before it"]
+    return [Table("mvitv2-attention", "MViTv2 attention ablation (ViT-B, 224 px)", "GMACs / GiB", lines,
+                  kendall(lines), notes)] if any(ln.measured == ln.measured for ln in lines) else []
+
+
 def _batch_notes(rows: list[dict[str, Any]]) -> list[str]:
     batches = sorted({int(r["batch"]) for r in rows if r.get("batch") == r.get("batch")})
     devices = sorted({str(r.get("device")) for r in rows})
