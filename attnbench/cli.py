@@ -75,6 +75,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = run_suite(suite, out=args.out, device=args.device, resume=args.resume, only=args.only,
                            progress=not args.no_progress, results_root=args.results_root,
                            isolation="process" if args.isolate else None,
+                           executor=args.executor, ray_address=args.ray_address,
                            on_row=None if args.no_progress or sys.stderr.isatty() else _progress_lines(len(cases)),
                            on_note=lambda text: print(f"attnbench: {text}", file=sys.stderr))
     except KeyboardInterrupt:
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--isolate", action="store_true", help="run each cell in a fresh worker process "
                                                           "(time-out: the suite's budget.cell_timeout_s)")
+    r.add_argument("--executor", choices=("inprocess", "gpus", "ray"),
+                   help="where cells run (default: the suite's executor, inprocess): gpus = one worker per GPU "
+                        "of this host; ray = one Ray task per cell, one whole GPU each")
+    r.add_argument("--ray-address", metavar="ADDRESS", help="executor ray: join this Ray cluster "
+                                                            "(default: start a local one)")
     r.set_defaults(func=_cmd_run)
     ls = sub.add_parser("list", help="list registered implementations")
     ls.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'sra.*'")
@@ -154,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list:
     """The modules that add subcommands (each has ``register(subparsers)``), listed explicitly: a module
     that fails to import is an error, never a silently missing command."""
-    from . import cli_regress, cli_report  # show/plot/report; compare/check/baseline/export
+    from . import cli_history, cli_regress, cli_report, cli_reproduce  # show/plot/report; compare/check/
+    # baseline/export; history/publish; reproduce
 
-    return [cli_report, cli_regress]
+    return [cli_report, cli_regress, cli_history, cli_reproduce]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,13 @@
 """Regression commands: ``compare``, ``check``, ``baseline update|list`` and ``export``.
 
-Exit codes: ``compare``, ``baseline`` and ``export`` 0 on success; ``check`` 0 when no significant
-regression exceeds the thresholds, 1 when one does (each offending cell is printed with the metric,
-base, new, ratio and p-value), 2 on bad input (missing baseline, not a run folder, a malformed
-threshold). Thresholds are written ``10%`` or as a fraction ``0.1`` (both mean ten per cent); a
-bare number above 1 (``10``) is refused as ambiguous.
+Exit codes: ``compare``, ``baseline`` and ``export`` 0 on success; ``check`` 0 when no regression
+exceeds the noise, 1 when one does (each offending cell is printed with the metric, base, new,
+ratio, p-value and the band it exceeded; every judged cell is printed with why it passed or failed),
+2 on bad input (missing baseline, not a run folder, a malformed threshold). The defaults are meant
+to hold on a shared machine: latency over the run's speed factor against each cell's noise band,
+memory against the measuring method's resolution, re-measurement of failed cells when ``check``
+runs a suite (:mod:`attnbench.analysis.noise`). Thresholds are written ``10%`` or as a fraction
+``0.1`` (both mean ten per cent); a bare number above 1 (``10``) is refused as ambiguous.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_REGRESSION = 0, 1
+DEFAULT_RETRIES = 3  # check SUITE: re-measure a cell that failed on latency/memory/status up to this often
 FRACTION_TEXT = "written 10% or 0.1 (same meaning); a bare number above 1 (10) is refused as ambiguous"
 FRACTION_HELP = FRACTION_TEXT.replace("%", "%%")
 
@@ -60,9 +64,9 @@ def _target_run(target: Path | None, args: argparse.Namespace, what: str) -> Pat
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .analysis import compare, gate
 
-    _thresholds(args, "min_effect", "memory_growth")
+    _thresholds(args, "min_effect", "memory_growth", "max_slowdown")
     cmp = compare.compare_runs(args.base, args.new, alpha=args.alpha, min_effect=args.min_effect,
-                               memory_growth=args.memory_growth,
+                               memory_growth=args.memory_growth, max_slowdown=args.max_slowdown,
                                memory_floor_bytes=args.memory_floor * 2**20 if args.memory_floor is not None else None,
                                normalize=args.normalize)
     print(gate.comparison_text(cmp, verbose=args.verbose))
@@ -82,45 +86,69 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if not (given / "rows.jsonl").is_file() and not any(given.glob("*/rows.jsonl")) \
                 and not any(given.glob("*/*/rows.jsonl")):
             raise baseline.BaselineError(f"baseline {given} is not a run folder and holds no baseline")
+    is_suite = args.target is not None and args.target.is_file()
+    if args.retries is None:  # a suite run here: a noisy failure must repeat in re-measurements to count
+        args.retries = DEFAULT_RETRIES if is_suite else 0
     if args.retries < 0:
         raise compare.CompareError(f"--retries {args.retries} must be >= 0")
     run_dir = _target_run(args.target, args, "check")
-    is_suite = args.target is not None and args.target.is_file()
     base = baseline.resolve_baseline(args.baseline, run_dir, args.root)
 
-    def judge(new_dir: Path):
+    def judge(new_dir: Path, speed: float | None = None):
         cmp = compare.compare_runs(base, new_dir, alpha=args.alpha, min_effect=args.min_effect,
                                    memory_growth=args.max_memory_growth, memory_floor_bytes=(
                                        args.memory_floor * 2**20 if args.memory_floor is not None else None),
-                                   normalize=args.normalize)
+                                   normalize=args.normalize, max_slowdown=args.max_slowdown,
+                                   speed_factor=speed)
         return cmp, gate.check(cmp, max_slowdown=args.max_slowdown, max_memory_growth=args.max_memory_growth,
                                   fail_on_flops=not args.allow_flops_change, fail_on_missing=args.fail_on_missing)
 
     cmp, failures = judge(run_dir)
     print(gate.comparison_text(cmp, verbose=args.verbose))
+    print()
+    print(gate.thresholds_text(cmp, args.max_slowdown, args.max_memory_growth))
+    print(gate.verdicts_text(cmp, args.max_slowdown, args.max_memory_growth))
     if failures and args.retries and not is_suite:
         print("\nnote: --retries re-measures only when a SUITE is given; judging the run folder as it is")
+    unjudged = gate.not_judged(cmp)
     for attempt in range(1, args.retries + 1 if is_suite else 1):
         noisy = [f for f in failures if f.metric.metric in gate.RETRIABLE]
-        if not noisy:
+        if not noisy and not unjudged:
             break
-        print(f"\n{len(noisy)} latency/memory/status failure(s): re-running the suite to confirm them "
-              f"(retry {attempt} of {args.retries})", flush=True)
+        only = ",".join(sorted({str(f.cell.new.get("impl") or f.cell.base.get("impl")) for f in noisy + unjudged}))
+        print(f"\n{len(noisy)} latency/memory/status failure(s), {len(unjudged)} cell(s) not judged: re-measuring "
+              f"the cells of {only} (retry {attempt} of {args.retries}; judged over the first run's speed factor)",
+              flush=True)
         from .runner import run_suite
 
         retry_dir = run_dir.with_name(f"{run_dir.name}-retry{attempt}")
         while retry_dir.exists():
             retry_dir = retry_dir.with_name(retry_dir.name + "x")
-        result = run_suite(args.target, out=retry_dir, device=args.device,
+        result = run_suite(args.target, out=retry_dir, device=args.device, only=only,
                            progress=not args.no_progress, results_root=args.results_root)
         print(f"run folder: {result.run_dir} ({result.measured} cells measured)", flush=True)
-        _, again = judge(result.run_dir)
-        failures, cleared = gate.confirm(failures, again)
+        again_cmp, again = judge(result.run_dir, cmp.speed_factor if cmp.normalized else None)
+        still = {f.cell.key: f for f in gate.not_judged(again_cmp)}
+        failures, cleared = gate.confirm(failures, again, unjudged=set(still))
         for f in cleared:
             print(f"not confirmed (passed on retry {attempt}): {f.cell.label}: {f.why}")
-    rules = (f"latency +{100 * args.max_slowdown:g}% at p < {args.alpha:g}"
-             f"{' (also over the speed factor)' if args.normalize else ''}, peak memory "
-             f"+{100 * args.max_memory_growth:g}%, FLOPs and parameters "
+        left = []
+        for u in unjudged:
+            cell = next((c for c in again_cmp.cells if c.key == u.cell.key), None)
+            m = cell.metric("latency_ms") if cell is not None else None
+            if m is None or m.p_value is None or u.cell.key in still:
+                left.append(still.get(u.cell.key, u))
+                continue
+            fails, why = gate.latency_failure(again_cmp, m, args.max_slowdown)
+            print(f"judged on retry {attempt} ({'FAIL' if fails else 'pass'}): {cell.label}: {why}")
+            if fails:
+                failures.append(gate.Failure(cell, m, why))
+        unjudged = left
+    for u in unjudged:
+        print(f"\nwarning: not judged, the machine was oversubscribed: {u.cell.label}: {u.why}")
+    rules = (f"latency beyond each cell's noise band (floor +{100 * args.max_slowdown:g}%) at p < {args.alpha:g}"
+             f"{' over the speed factor' if cmp.normalized else ''}, peak memory beyond the method's resolution "
+             f"and +{100 * args.max_memory_growth:g}%, FLOPs and parameters "
              f"{'reported' if args.allow_flops_change else 'exact'}, cells going from ok to failed"
              f"{', missing cells' if args.fail_on_missing else ''}"
              f"{f', latency/memory/status failures confirmed by up to {args.retries} re-run(s)' if args.retries and is_suite else ''}")
@@ -129,18 +157,39 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(gate.failures_text(failures))
         print(f"\ncheck FAILED: {len(failures)} regression(s) beyond the thresholds ({rules}); baseline {base}")
         return EXIT_REGRESSION
-    print(f"\ncheck passed: no significant regression beyond the thresholds ({rules}); baseline {base}")
+    if unjudged and args.require_judged:
+        print(f"\ncheck FAILED: {len(unjudged)} cell(s) could not be judged on latency (--require-judged): the "
+              f"machine gave their thread(s) no core of their own; baseline {base}")
+        return EXIT_REGRESSION
+    note = (f"; {len(unjudged)} cell(s) NOT JUDGED on latency (measured without a free CPU core: run the check "
+            "on a quieter machine)" if unjudged else "")
+    print(f"\ncheck passed: no significant regression beyond the thresholds ({rules}); baseline {base}{note}")
     return EXIT_OK
 
 
 def _cmd_baseline_update(args: argparse.Namespace) -> int:
     from .analysis import baseline
 
-    run_dir = _target_run(args.target, args, "baseline update")
-    dest = baseline.write_baseline(run_dir, root=args.root, full=args.full, dest=args.dest)
+    from .analysis.compare import CompareError
+
+    if args.repeat < 1:
+        raise CompareError(f"--repeat {args.repeat} must be >= 1")
+    suites = [t for t in args.target if t.is_file()]
+    if suites and (len(args.target) > 1):
+        raise CompareError("baseline update: give one SUITE file, or one or more RUN_DIRs")
+    if suites:
+        runs = []
+        for i in range(args.repeat):
+            out = args.out if i == 0 or args.out is None else args.out.with_name(f"{args.out.name}-{i + 1}")
+            runs.append(_target_run(args.target[0], argparse.Namespace(**{**vars(args), "out": out}),
+                                    "baseline update"))
+    else:
+        runs = [_target_run(t, args, "baseline update") for t in args.target]
+    dest = baseline.write_baseline(runs[0], root=args.root, full=args.full, dest=args.dest, more_runs=runs[1:])
     env = json.loads((dest / "env.json").read_text())
+    spread = f"; run-to-run spread recorded from {len(runs)} runs" if len(runs) > 1 else ""
     print(f"baseline written: {dest} (device key {baseline.device_key(env)}, "
-          f"{'full copy' if args.full else 'compact export'} of {run_dir})")
+          f"{'full copy' if args.full else 'compact export'} of {runs[0]}{spread})")
     return EXIT_OK
 
 
@@ -188,11 +237,16 @@ def _add_stat_options(p: argparse.ArgumentParser, memory_flag: str, memory_defau
                    help=f"peak memory ratio change called bigger (check: that fails), {FRACTION_HELP} "
                         f"(default {100 * memory_default:g}%%)")
     p.add_argument("--memory-floor", type=float, metavar="MIB",
-                   help="memory differences up to this many MiB are noise (default: 2 MiB for CPU resident-set "
-                        "peaks, 0.0625 MiB for CUDA allocator peaks)")
-    p.add_argument("--normalize", action="store_true",
-                   help="also judge latency against the median NEW/BASE ratio over all cells (the machine's speed "
-                        "factor, needs 4+ cells): a cell is slower only if slower than the machine as a whole")
+                   help="memory differences up to this many MiB are noise (default: the method's resolution, "
+                        "max(6 MiB, 25%%) for CPU resident-set peaks, 0.0625 MiB for CUDA allocator peaks)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="judge latency over the median NEW/BASE ratio of all cells (the machine's speed factor, "
+                        "needs 4+ cells): a cell is slower only if slower than the machine as a whole (default on; "
+                        "--no-normalize judges raw ratios)")
+    p.add_argument("--max-slowdown", default="15%",
+                   help="floor of each cell's latency noise band: the smallest slowdown (over the speed factor) "
+                        "that counts; a noisier cell needs more (its medians' 95%% bounds, and twice the run-to-run "
+                        f"spread a baseline written from 2+ runs records), {FRACTION_HELP} (default 15%%)")
     p.add_argument("-v", "--verbose", action="store_true", help="show every metric of every cell")
 
 
@@ -209,8 +263,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     k = sub.add_parser("check", help="exit 1 on a significant regression against a baseline",
                        description="Compare a run (or run a SUITE first) with a baseline and exit 1 only on a "
-                                   "significant regression beyond the thresholds: latency slower than "
-                                   "--max-slowdown with p < --alpha, peak memory above --max-memory-growth, "
+                                   "regression beyond the noise: latency slower, over the machine's speed factor, than the "
+                                   "cell's noise band (floor --max-slowdown, widened by the medians' 95%% bounds "
+                                   "and a baseline's recorded run-to-run spread) with p < --alpha; peak memory "
+                                   "grown beyond the method's resolution and --max-memory-growth; "
                                    "any change of FLOPs or parameters, a cell that was ok and failed. "
                                    f"Thresholds are {FRACTION_TEXT}. Exit codes: 0 pass, 1 regression, 2 bad input.")
     k.add_argument("target", type=Path, nargs="?", metavar="RUN_DIR|SUITE",
@@ -219,15 +275,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="baseline or run folder, or 'auto': <root>/<device key>/<suite> for the run's device")
     k.add_argument("--root", type=Path, default=Path("results") / "baselines",
                    help="where 'auto' looks (default results/baselines)")
-    k.add_argument("--max-slowdown", default="10%",
-                   help=f"latency ratio above which a significant slowdown fails, {FRACTION_HELP} (default 10%%)")
     _add_stat_options(k, "--max-memory-growth", 0.05)
     k.add_argument("--allow-flops-change", action="store_true",
                    help="report FLOP and parameter changes without failing")
-    k.add_argument("--retries", type=int, default=0, metavar="N",
-                   help="with a SUITE: when a cell fails on latency, memory or status, run the suite again, up to N "
-                        "times; such a failure counts only if the same cell and metric fail in every re-run "
-                        "(default 0; FLOP and parameter changes need no confirmation)")
+    k.add_argument("--retries", type=int, default=None, metavar="N",
+                   help="with a SUITE: when a cell fails on latency, memory or status, measure that implementation's "
+                        "cells again, up to N times; such a failure counts only if the same cell and metric fail in "
+                        f"every re-measurement (default {DEFAULT_RETRIES} with a SUITE, 0 with a RUN_DIR; FLOP and "
+                        "parameter changes need no confirmation)")
+    k.add_argument("--require-judged", action="store_true",
+                   help="fail when a cell's latency could not be judged (measured, in every re-measurement, while "
+                        "other processes left its thread(s) no CPU core of their own; default: a warning)")
     k.add_argument("--fail-on-missing", action="store_true",
                    help="fail when a cell is in one run only (default: listed, not a failure)")
     _add_run_options(k)
@@ -240,7 +298,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "to <root>/<device key>/<suite name>/ (replacing an earlier one). The device "
                                     "key is the GPU's name, or cpu-<model>-<threads>t. By default a compact "
                                     "export (rows with raw samples, FLOPs, memory; env.json; suite.yaml).")
-    u.add_argument("target", type=Path, metavar="RUN_DIR|SUITE")
+    u.add_argument("target", type=Path, nargs="+", metavar="RUN_DIR|SUITE",
+                   help="one or more run folders of the same suite (the first is written; with two or more the "
+                        "baseline records each cell's run-to-run spread, which widens its noise band), or a SUITE")
+    u.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="with a SUITE: run it N times and record the run-to-run spread (default 1)")
     u.add_argument("--root", type=Path, default=Path("results") / "baselines", help="default results/baselines")
     u.add_argument("--dest", type=Path, help="write exactly here instead of <root>/<device key>/<suite>")
     u.add_argument("--full", action="store_true", help="copy every file of the run instead of the compact export")

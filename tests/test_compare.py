@@ -63,9 +63,9 @@ def test_normalize_divides_out_a_uniformly_slower_machine(tmp_path):
     # the whole machine 40% slower; mvit.pool 2.2x slower on top of it
     new = write_run(tmp_path / "n", [cell(i, 224, (5.0 + k) * 1.4 * (2.2 if i == "mvit.pool" else 1), seed=10 + k)
                                      for k, i in enumerate(impls)])
-    plain = by_impl(compare_runs(base, new))
+    plain = by_impl(compare_runs(base, new, normalize=False))
     assert all(c.metric("latency_ms").verdict == "slower" for c in plain.values())
-    cmp = compare_runs(base, new, normalize=True)
+    cmp = compare_runs(base, new)  # normalized by default
     assert cmp.speed_factor == pytest.approx(1.4, rel=0.05)
     norm = by_impl(cmp)
     assert norm["mvit.pool"].metric("latency_ms").verdict == "slower"

@@ -23,6 +23,7 @@ from typing import Any
 from .. import schema, store
 from ..errors import AttnbenchError
 from ..schema import Status
+from . import noise
 
 DEFAULT_ROOT = Path("results") / "baselines"
 META_FILE = "baseline.json"
@@ -111,11 +112,13 @@ def compact_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_baseline(run_dir: str | Path, root: str | Path = DEFAULT_ROOT, full: bool = False,
-                   dest: str | Path | None = None) -> Path:
+                   dest: str | Path | None = None, more_runs: list[str | Path] = ()) -> Path:
     """Write the baseline of ``run_dir`` (to ``dest``, default ``root/<device-key>/<suite>``); return its path.
 
     An earlier baseline there is replaced. ``full`` copies the run's files as they are; otherwise
-    the compact export (see the module's docstring).
+    the compact export (see the module's docstring). ``more_runs``: other runs of the same suite on
+    the same device; ``baseline.json`` then records each cell's run-to-run spread (``noise``), which
+    widens that cell's noise band in comparisons (:mod:`attnbench.analysis.noise`).
     """
     run_dir = Path(run_dir)
     _require_run(run_dir)
@@ -129,6 +132,14 @@ def write_baseline(run_dir: str | Path, root: str | Path = DEFAULT_ROOT, full: b
     rows = store.read_rows(run_dir)
     if not rows:
         raise BaselineError(f"{run_dir} holds no rows")
+    others = []
+    for other in map(Path, more_runs):
+        _require_run(other)
+        oenv = store.read_env(other)
+        if suite_name(other, oenv) != name or device_key(oenv) != device_key(env):
+            raise BaselineError(f"{other} is not a run of suite {name!r} on device {device_key(env)!r}: "
+                                "a baseline's runs must be alike")
+        others.append(store.read_rows(other))
     if dest.exists():
         if not dest.is_dir() or any(p.name not in RUN_FILES and not p.name.startswith("env.") for p in dest.iterdir()):
             raise BaselineError(f"{dest} exists and holds files that are not a baseline's; not replacing it")
@@ -148,6 +159,9 @@ def write_baseline(run_dir: str | Path, root: str | Path = DEFAULT_ROOT, full: b
     meta = {"source": str(run_dir), "written_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device_key": device_key(env), "suite": name, "compact": not full, "cells": len(rows),
             "ok_cells": sum(r.get("status") == Status.OK for r in rows), "git": env.get("git")}
+    if others:
+        meta["noise"] = {"runs": 1 + len(others), "sources": [str(run_dir), *map(str, more_runs)],
+                         "cells": noise.run_spread([rows, *others])}
     (dest / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return dest
 

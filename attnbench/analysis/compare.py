@@ -11,20 +11,20 @@ cell and metric the verdict is one of:
   (default 0.01) AND an effect of at least ``min_effect`` (default 5%): slower means ratio >= 1 +
   min_effect, faster means ratio <= 1 / (1 + min_effect). With few samples the test cannot reach
   ``alpha`` at all (n = m = 5: smallest two-sided p is 0.008); the line says so.
-* peak memory (one value per cell, no samples): ``bigger`` / ``smaller`` when the ratio passes
-  ``memory_growth`` (default 5%) AND the absolute difference exceeds a floor: on CPU the peak is
-  the resident-set high-water mark at page granularity, and the allocator's state moves it by a
-  few hundred KiB to a few MiB between runs, so the floor is 2 MiB (``rss_hwm_delta``); CUDA
-  allocator peaks are exact to the block, floor 64 KiB (``cuda_allocator_peak_delta``).
+  Each latency result also carries the cell's noise band (:mod:`attnbench.analysis.noise`): the
+  normalized ratio it must exceed before ``check`` fails it (``limit``).
+* peak memory (one value per cell, no samples): ``bigger`` / ``smaller`` when the difference exceeds
+  the measuring method's resolution and ``memory_growth`` (default 5%) of the base: CUDA allocator
+  peaks are exact (64 KiB); the CPU resident-set peak moves by MiBs between runs of unchanged code,
+  tolerance max(6 MiB, 25%); see :mod:`attnbench.analysis.noise`.
 * FLOPs (``flops_analytic``, ``flops_torch``, ``flops_torch_fwd_bwd``, ``macs_fvcore``) and
   ``params_count``: deterministic, so any difference is ``changed``.
 * status: a cell that was ``ok`` and is now ``oom``, ``error``, ... is ``worse`` (a regression); the
   other way round ``better``; any other change of status ``changed``.
 
 :func:`check` applies thresholds (``max_slowdown``, ``max_memory_growth``) to a comparison and
-returns the failures. With ``normalize=True`` a cell's latency must also be slower than the
-run-wide median ratio (the machine's speed factor: on a shared CPU a busy machine slows every
-cell together) by more than ``max_slowdown`` for it to fail.
+returns the failures. By default (``normalize=True``) latency is judged over the run-wide median
+ratio (the machine's speed factor: on a shared CPU a busy machine slows every cell together).
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ from .. import schema, store
 from ..errors import AttnbenchError
 from ..schema import Status
 from ..measurement import Latency, median_ms
+from . import noise
 
 DEFAULT_ALPHA = 0.01
 DEFAULT_MIN_EFFECT = 0.05
 DEFAULT_MEMORY_GROWTH = 0.05
-MEMORY_FLOOR_BYTES = {"rss_hwm_delta": 2 * 2**20, "cuda_allocator_peak_delta": 64 * 2**10}
-DEFAULT_MEMORY_FLOOR = 2 * 2**20
+DEFAULT_MAX_SLOWDOWN = noise.DEFAULT_MAX_SLOWDOWN
 EXACT_METRICS = schema.EXACT  # deterministic: any difference is a change
 INFO_METRICS = schema.INFO  # shown side by side, never a verdict
 IDENTITY = schema.IDENTITY_FIELDS
@@ -78,6 +78,18 @@ class MetricResult:
     scale: float = 1.0  # latency with normalization: the speed factor the base was scaled by
     ratio_normalized: float | None = None  # ratio / scale
     p_normalized: float | None = None  # the test of NEW against BASE x scale
+    ci_base: float = 1.0  # latency: BASE median / its lower 95% bound
+    ci_new: float = 1.0  # latency: NEW's upper 95% bound / NEW median
+    spread: float | None = None  # run-to-run spread the baseline recorded (latency: fraction; memory: bytes)
+    limit: float | None = None  # latency: the normalized ratio check fails above (the noise band)
+    tolerance: float | None = None  # memory: bytes NEW may exceed BASE by (resolution, growth threshold)
+    resolution: float | None = None  # memory: the method's resolution (bytes), before any growth threshold
+    why: str = ""  # where limit / tolerance came from
+
+    oversubscribed: float | None = None  # latency: other processes' cores while NEW ran without a core of its own
+
+    def latency_limit(self, max_slowdown: float) -> tuple[float, str]:
+        return noise.latency_limit(max_slowdown, self.ci_base, self.ci_new, self.spread)
 
     @property
     def significant(self) -> bool:
@@ -109,6 +121,9 @@ class Comparison:
     env_notes: list[str] = field(default_factory=list)
     speed_factor: float | None = None  # median latency ratio over the matched ok cells
     memory_floor_bytes: float | None = None  # None: by measuring method
+    max_slowdown: float = DEFAULT_MAX_SLOWDOWN  # the noise band's floor
+    normalized: bool = False  # latency judged over the speed factor
+    recorded_runs: int = 0  # runs the baseline's recorded spread came from (0: none recorded)
 
     def significant(self) -> list[tuple[CellComparison, MetricResult]]:
         return [(c, m) for c in self.cells for m in c.metrics if m.significant]
@@ -190,7 +205,8 @@ def _verdict(p: float, ratio: float, alpha: float, min_effect: float) -> str:
 
 
 def latency_result(base: dict[str, Any], new: dict[str, Any], alpha: float, min_effect: float,
-                   scale: float = 1.0) -> MetricResult | None:
+                   scale: float = 1.0, max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
+                   spread: float | None = None, cores: float | None = None) -> MetricResult | None:
     """Latency verdict from the raw samples.
 
     ``scale`` (the machine's speed factor, 1 without normalization) multiplies the base samples for
@@ -206,6 +222,10 @@ def latency_result(base: dict[str, Any], new: dict[str, Any], alpha: float, min_
         res.note = "no raw samples on one side: ratio only, not tested"
         return res
     res.n_base, res.n_new = int(a.size), int(b.size)
+    res.ci_base, res.ci_new = noise.confidence_factor(a, b)
+    res.spread = spread
+    res.oversubscribed = noise.oversubscribed(new, cores)
+    res.limit, res.why = res.latency_limit(max_slowdown)
     res.p_value = mann_whitney_p(a, b)
     res.p_normalized = mann_whitney_p(a * scale, b) if scale != 1.0 else res.p_value
     if min_p_value(a.size, b.size) >= alpha:
@@ -214,26 +234,22 @@ def latency_result(base: dict[str, Any], new: dict[str, Any], alpha: float, min_
     return res
 
 
-def memory_floor(base: dict[str, Any], new: dict[str, Any], floor: float | None = None) -> float:
-    if floor is not None:
-        return floor
-    methods = {base.get("peak_mem_method"), new.get("peak_mem_method")}
-    return max(MEMORY_FLOOR_BYTES.get(m, DEFAULT_MEMORY_FLOOR) for m in methods) if methods else DEFAULT_MEMORY_FLOOR
-
-
 def memory_result(base: dict[str, Any], new: dict[str, Any], growth: float,
-                  floor: float | None = None) -> MetricResult | None:
+                  floor: float | None = None, spread: float | None = None) -> MetricResult | None:
+    """``bigger`` / ``smaller`` beyond the method's resolution and ``growth`` of the base."""
     vb, vn = _num(base.get("peak_mem_bytes")), _num(new.get("peak_mem_bytes"))
     if vb is None or vn is None:
         return None
-    fl = memory_floor(base, new, floor)
+    resolution, why = noise.memory_resolution(base, new, floor, spread)
+    tol, why = noise.memory_tolerance(resolution, why, vb, growth)
     ratio = vn / vb if vb > 0 else (1.0 if vn == 0 else math.inf)
-    res = MetricResult("peak_mem_bytes", vb, vn, ratio)
-    if abs(vn - vb) <= fl:
-        res.note = f"difference within the {fl / 2**20:.3g} MiB floor" if vn != vb else ""
-    elif ratio >= 1 + growth:
+    res = MetricResult("peak_mem_bytes", vb, vn, ratio, spread=spread, tolerance=tol, resolution=resolution,
+                       why=why)
+    if abs(vn - vb) <= tol:
+        res.note = f"within +-{tol / 2**20:.3g} MiB ({why})" if vn != vb else ""
+    elif vn > vb:
         res.verdict = BIGGER
-    elif ratio <= 1 / (1 + growth):
+    else:
         res.verdict = SMALLER
     return res
 
@@ -279,19 +295,27 @@ def _env_notes(eb: dict[str, Any], en: dict[str, Any]) -> list[str]:
 
 def compare_runs(base_dir: str | Path, new_dir: str | Path, alpha: float = DEFAULT_ALPHA,
                  min_effect: float = DEFAULT_MIN_EFFECT, memory_growth: float = DEFAULT_MEMORY_GROWTH,
-                 memory_floor_bytes: float | None = None, normalize: bool = False) -> Comparison:
+                 memory_floor_bytes: float | None = None, normalize: bool = True,
+                 max_slowdown: float = DEFAULT_MAX_SLOWDOWN, speed_factor: float | None = None) -> Comparison:
     """Match the cells of two runs and give each metric a verdict (see the module's docstring).
 
-    ``normalize`` scales the base latencies by the median NEW/BASE latency ratio over all matched
-    ok cells before judging (only with at least 4 such cells), so a uniformly slower machine does
-    not make every cell "slower"; ``Comparison.speed_factor`` records that ratio either way.
+    ``normalize`` (default) scales the base latencies by the median NEW/BASE latency ratio over all
+    matched ok cells before judging (only with at least 4 such cells), so a uniformly slower machine
+    does not make every cell "slower"; ``Comparison.speed_factor`` records that ratio either way.
+    ``speed_factor`` imposes the factor (a re-measurement of a few cells judged by its first run's).
+    ``max_slowdown`` is the floor of each cell's noise band; a baseline written from several runs
+    adds its recorded run-to-run spread (:mod:`attnbench.analysis.noise`).
     """
     _check_fraction("alpha", alpha, upper=1.0)
     _check_fraction("min_effect", min_effect)
     _check_fraction("memory_growth", memory_growth)
+    _check_fraction("max_slowdown", max_slowdown)
     rows_b, env_b = read_run(base_dir)
     rows_n, env_n = read_run(new_dir)
     ib, inew = _index(rows_b), _index(rows_n)
+    spreads = noise.read_noise(base_dir)
+    cpu = env_n.get("cpu") or {}
+    cores = cpu.get("affinity") or cpu.get("logical_cores")
     common = [k for k in ib if k in inew]
     only_base = [(k, describe(ib[k])) for k in ib if k not in inew]
     only_new = [(k, describe(inew[k])) for k in inew if k not in ib]
@@ -304,6 +328,9 @@ def compare_runs(base_dir: str | Path, new_dir: str | Path, alpha: float = DEFAU
                 ratios.append(mn / mb)
     speed = float(np.exp(np.median(np.log(ratios)))) if ratios else None
     scale = speed if normalize and speed and len(ratios) >= MIN_CELLS_TO_NORMALIZE else 1.0
+    if normalize and speed_factor is not None:  # given: a re-measurement of a few cells judged like its run
+        _check_fraction("speed_factor", speed_factor)
+        speed = scale = float(speed_factor)
 
     cells = []
     for k in common:
@@ -311,10 +338,11 @@ def compare_runs(base_dir: str | Path, new_dir: str | Path, alpha: float = DEFAU
         cc = CellComparison(k, describe(n), b, n)
         cc.metrics.append(status_result(b, n))
         if b.get("status", Status.OK) == Status.OK and n.get("status", Status.OK) == Status.OK:
-            lat = latency_result(b, n, alpha, min_effect, scale)
+            sp = spreads.get(k, {})
+            lat = latency_result(b, n, alpha, min_effect, scale, max_slowdown, sp.get("latency_spread"), cores)
             if lat is not None:
                 cc.metrics.append(lat)
-            mem = memory_result(b, n, memory_growth, memory_floor_bytes)
+            mem = memory_result(b, n, memory_growth, memory_floor_bytes, sp.get("memory_spread_bytes"))
             if mem is not None:
                 cc.metrics.append(mem)
         for metric in EXACT_METRICS:
@@ -328,7 +356,9 @@ def compare_runs(base_dir: str | Path, new_dir: str | Path, alpha: float = DEFAU
                                                verdict=SHOWN))
         cells.append(cc)
     cmp = Comparison(Path(base_dir), Path(new_dir), cells, only_base, only_new, alpha, min_effect, memory_growth,
-                     _env_notes(env_b, env_n), speed, memory_floor_bytes)
+                     _env_notes(env_b, env_n), speed, memory_floor_bytes, max_slowdown,
+                     bool(normalize and speed and (len(ratios) >= MIN_CELLS_TO_NORMALIZE or speed_factor is not None)),
+                     noise.recorded_runs(base_dir))
     if normalize and scale == 1.0 and speed is not None:
         cmp.env_notes.append(f"not normalized: only {len(ratios)} matched ok cell(s), "
                              f"{MIN_CELLS_TO_NORMALIZE} needed")
