@@ -260,6 +260,15 @@ def cell_id(fields: Mapping[str, Any]) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def device_key(row: Mapping[str, Any]) -> str:
+    """The device a row was measured on, for grouping: ``device``, with the GPU's model where the row
+    names it (``cuda [NVIDIA H100 80GB HBM3]``), so cells measured on two GPU models of one cluster
+    are never drawn on one curve or compared with each other."""
+    device = str(row.get("device") or "")
+    gpu = row.get("worker_gpu_name")
+    return f"{device} [{gpu}]" if device.startswith("cuda") and isinstance(gpu, str) and gpu else device
+
+
 def row_key(row: Mapping[str, Any]) -> str:
     """The row's ``cell_id``, or the same hash computed from its fields when it has none."""
     return str(row.get("cell_id") or cell_id(row))

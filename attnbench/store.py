@@ -107,6 +107,8 @@ def load_results(run_dir: str | Path, samples: bool = False) -> pd.DataFrame:
             r[name if name not in BASE_COLUMNS else f"param_{name}"] = value
         flat.append(r)
     df = pd.DataFrame(flat)
+    if "worker_gpu_name" in df.columns:  # rows from many GPU models: one device key per model
+        df["device"] = [schema.device_key(r) for r in df.to_dict("records")]
     base = [c for c in BASE_COLUMNS if samples or c != "latency_ms_samples"]
     for col in base:
         if col not in df.columns:

@@ -144,3 +144,19 @@ def test_statuses_of_isolated_and_picky_cells(tmp_path, capsys):
     for sb, sn, verdict in (("ok", "timeout", "worse"), ("ok", "crashed", "worse"), ("timeout", "ok", "better"),
                             ("timeout", "crashed", "changed")):
         assert f"status    {sb} -> {sn}  {verdict}" in out
+
+
+def test_cells_of_two_gpu_models_are_never_compared_or_grouped(tmp_path):
+    """Rows of one cluster from two GPU models keep their device key: compare matches no cell across
+    them, and the loaded table groups them apart."""
+    from attnbench import store
+    from attnbench.analysis.compare import compare_runs
+    from conftest import make_row, write_run
+
+    a = write_run(tmp_path / "a", [make_row(impl="mha.sdpa", device="cuda", worker_gpu_name="NVIDIA H100",
+                                            cell_id="x")])
+    b = write_run(tmp_path / "b", [make_row(impl="mha.sdpa", device="cuda", worker_gpu_name="NVIDIA A100",
+                                            cell_id="x")])
+    result = compare_runs(a, b)
+    assert not result.cells  # nothing matched: one GPU model on each side
+    assert list(store.load_results(a)["device"]) == ["cuda [NVIDIA H100]"]

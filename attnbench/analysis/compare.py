@@ -131,7 +131,10 @@ class Comparison:
 
 # --- matching -------------------------------------------------------------------------------------
 
-cell_key = schema.row_key  # the row's cell_id, or the same identity hashed from its fields
+def cell_key(row: dict[str, Any]) -> str:
+    """The row's cell_id (or the same identity hashed from its fields) on its device key: cells measured
+    on two GPU models never match."""
+    return f"{schema.row_key(row)}@{schema.device_key(row)}"
 
 
 def describe(row: dict[str, Any]) -> str:
