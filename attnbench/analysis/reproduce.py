@@ -128,13 +128,21 @@ def swin_table5(rows: list[dict[str, Any]], paper: dict[str, Any] | None = None)
                                     source=found["impl"] if found else "not measured"))
     _ratios(stage_lines, spec["reference_row"], higher_is_faster=False)
     _ratios(model_lines, spec["reference_row"], higher_is_faster=True)
-    notes = _batch_notes(ok)
     out = []
-    for name, title, unit, lines in (("stages", "MSA time per Swin-T stage", "ms", stage_lines),
-                                     ("models", "whole-model throughput", "images/s", model_lines)):
-        if any(ln.measured == ln.measured for ln in lines):
-            out.append(Table(f"swin-table5-{name}", f"Swin Table 5: {title}", unit, lines, kendall(lines), notes))
+    for name, title, unit, lines, of in (
+            ("stages", "MSA time per Swin-T stage", "ms", stage_lines, [r for r in ok if not r.get("model")]),
+            ("models", "whole-model throughput", "images/s", model_lines, [r for r in ok if r.get("model")])):
+        lines = _measured_columns(lines)
+        if lines:
+            out.append(Table(f"swin-table5-{name}", f"Swin Table 5: {title}", unit, lines, kendall(lines),
+                             _batch_notes(of)))
     return out
+
+
+def _measured_columns(lines: list[Line]) -> list[Line]:
+    """The lines of the columns where at least one method was measured."""
+    measured = {ln.column for ln in lines if ln.measured == ln.measured}
+    return [ln for ln in lines if ln.column in measured]
 
 
 def swin_table8(rows: list[dict[str, Any]], paper: dict[str, Any] | None = None) -> list[Table]:
@@ -149,7 +157,7 @@ def swin_table8(rows: list[dict[str, Any]], paper: dict[str, Any] | None = None)
                               found[0]["throughput_img_s"] if found else math.nan,
                               source=found[0]["label"] if found else "not measured"))
     _ratios(lines, str(spec["reference_row"]), higher_is_faster=True)
-    lines = [ln for ln in lines if any(o.column == ln.column and o.measured == o.measured for o in lines)]
+    lines = _measured_columns(lines)
     return [Table("swin-table8", "Swin Table 8: throughput against input size", "images/s", lines, kendall(lines),
                   _batch_notes(ok))] if lines else []
 
@@ -190,8 +198,9 @@ def nat_speed(rows: list[dict[str, Any]], paper: dict[str, Any] | None = None) -
                                  (lo + hi) / 2, _fastest([r for r in at if r.get("impl") in NAT_FAST]), swin))
     lines = [ln for ln in lines if any(o.column == ln.column and o.method != "swin" and o.measured == o.measured
                                        for o in lines)]
-    notes = _batch_notes(ok) + ["paper ratios: NATTEN's figures (the CUDA row: the middle of its stated range); "
-                                "measured: the naive gather form and the fastest of attnbench's exact forms"]
+    notes = _batch_notes(ok, "NATTEN's figures: its own GPU benchmarks") + [
+        "paper ratios: NATTEN's figures (the CUDA row: the middle of its stated range); measured: the naive "
+        "gather form and the fastest of attnbench's exact forms"]
     return [Table("nat-speed", "NAT: neighbourhood attention's speed relative to Swin's shifted windows", "ms",
                   lines, kendall(lines), notes)] if lines else []
 
@@ -213,8 +222,8 @@ def slide_speed(rows: list[dict[str, Any]], paper: dict[str, Any] | None = None)
             column = f"k={kernel}, {res} px"
             lines.append(_speed_line(column, "im2col", "Im2Col (reference)", 1.0, im2col, im2col))
             lines.append(_speed_line(column, "slide", figure["label"], figure["speedup"], slide, im2col))
-    notes = _batch_notes(ok) + ["the paper's figure is a whole model on an iPhone 12; measured: the attention "
-                                "module alone on this device"]
+    notes = _batch_notes(ok, "the paper: iPhone 12 and Apple's Metal") + [
+        "the paper's figure is a whole model on an iPhone 12; measured: the attention module alone on this device"]
     return [Table("slide-speed", "Slide-Transformer: Slide's speed relative to Im2Col", "ms", lines, {},
                   notes)] if lines else []
 
@@ -246,19 +255,19 @@ def mvitv2_attention(rows: list[dict[str, Any]], paper: dict[str, Any] | None = 
                           source=f"{train[0]['impl']} ({train[0].get('peak_mem_method', '')}, batch "
                                  f"{train[0]['batch']})" if train else "not measured"))
     _ratios(lines, spec["reference_row"], higher_is_faster=True)  # value / MHA's: relative cost
-    notes = _batch_notes(ok) + ["ratios here are costs relative to full MHA (lower is cheaper); the paper's memory "
-                                "is a training run's, ours one training step's peak above what was held before it"]
+    notes = _batch_notes(ok, "the paper: ImageNet training on GPUs") + [
+        "ratios here are costs relative to full MHA (lower is cheaper); the paper's memory is a training run's, "
+        "ours one training step's peak above what was held before it"]
     return [Table("mvitv2-attention", "MViTv2 attention ablation (ViT-B, 224 px)", "GMACs / GiB", lines,
                   kendall(lines), notes)] if any(ln.measured == ln.measured for ln in lines) else []
 
 
-def _batch_notes(rows: list[dict[str, Any]]) -> list[str]:
+def _batch_notes(rows: list[dict[str, Any]], paper: str = "the paper: one V100, batch 64") -> list[str]:
     batches = sorted({int(r["batch"]) for r in rows if r.get("batch") == r.get("batch")})
     devices = sorted({str(r.get("device")) for r in rows})
     if not rows:
         return ["no measured rows"]
-    return [f"measured on {', '.join(devices)} at batch {', '.join(map(str, batches))} (the paper: one V100, "
-            "batch 64)"]
+    return [f"measured on {', '.join(devices)} at batch {', '.join(map(str, batches))} ({paper})"]
 
 
 def _num(v: float) -> str:
