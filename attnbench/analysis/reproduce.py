@@ -320,7 +320,9 @@ def plot_table(table: Table, path: Path) -> Path:
                              sharey=True)
     ratios = [r for ln in table.lines for r in (ln.paper_ratio, ln.measured_ratio) if r == r and r > 0]
     lo, hi = (min(ratios), max(ratios)) if ratios else (0.5, 2.0)
-    ticks = [2.0 ** k for k in range(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)]
+    k_lo, k_hi = math.floor(math.log2(lo)), math.ceil(math.log2(hi))
+    step = max(1, math.ceil((k_hi - k_lo) / 4))  # at most five labelled ticks a panel
+    ticks = [2.0 ** k for k in range(k_hi, k_lo - step, -step)][::-1]
     for ax, column in zip(axes[0], columns):
         lines = [ln for ln in table.lines if ln.column == column]
         y = range(len(lines))
@@ -330,7 +332,7 @@ def plot_table(table: Table, path: Path) -> Path:
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if v >= 1 else f"1/{round(1 / v)}x"))
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_xlim(ticks[0] / 1.15, ticks[-1] * 1.15)
         tau = table.tau.get(column)
