@@ -266,7 +266,9 @@ def device_key(row: Mapping[str, Any]) -> str:
     are never drawn on one curve or compared with each other."""
     device = str(row.get("device") or "")
     gpu = row.get("worker_gpu_name")
-    return f"{device} [{gpu}]" if device.startswith("cuda") and isinstance(gpu, str) and gpu else device
+    if device.startswith("cuda") and isinstance(gpu, str) and gpu and not device.endswith(f"[{gpu}]"):
+        return f"{device} [{gpu}]"
+    return device
 
 
 def row_key(row: Mapping[str, Any]) -> str:

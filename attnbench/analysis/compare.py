@@ -341,7 +341,7 @@ def compare_runs(base_dir: str | Path, new_dir: str | Path, alpha: float = DEFAU
         cc = CellComparison(k, describe(n), b, n)
         cc.metrics.append(status_result(b, n))
         if b.get("status", Status.OK) == Status.OK and n.get("status", Status.OK) == Status.OK:
-            sp = spreads.get(k, {})
+            sp = spreads.get(schema.row_key(b), {})
             lat = latency_result(b, n, alpha, min_effect, scale, max_slowdown, sp.get("latency_spread"), cores)
             if lat is not None:
                 cc.metrics.append(lat)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import schema
 from ..schema import Status, status_word
 from . import compare, fmt, page
 from . import run as runs
@@ -31,7 +30,7 @@ td.better { background: #dafbe1; color: #116329; font-weight: 600; text-align: r
 
 
 def _key(row: pd.Series) -> str:
-    return schema.row_key({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return compare.cell_key({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
 
 
 def ratio_table(b: runs.Run, cmp: compare.Comparison, metric: str, column: str) -> page.Table:
