@@ -111,6 +111,11 @@ def _random_cells(n_per_impl=1, seed=7):
 @pytest.mark.parametrize("name,heads,shape,mode", _random_cells())
 def test_meta_prediction_equals_the_tracker_on_real_cpu_tensors(name, heads, shape, mode):
     build = build_of(name, shape[-1], heads)
+    unpredictable = getattr(attnbench.get_spec(name).cls, "memory_unpredictable", None)
+    if unpredictable:  # FlexAttention forms: the meta stand-in is not the fused kernel; refused, with why
+        with pytest.raises(PredictionError, match="fused kernel"):
+            predict_peak_bytes(build, shape, F32, mode)
+        return
     predicted = predict_peak_bytes(build, shape, F32, mode)
     assert predicted > 0
     assert predicted == real_cpu_peak(build, shape, mode)
@@ -123,7 +128,14 @@ def merged(build):
 
 @pytest.mark.parametrize("name", attnbench.list_impls())
 def test_train_predicts_more_than_forward(name):
-    build, shape = build_of(name, 32, 2), (2, 16, 16, 32)
+    dim, heads = 32, 2
+    try:
+        attnbench.create(name, dim=dim, heads=heads)
+    except ValueError:  # a design that refuses 2 heads (deform.dat: 3 offset groups by default)
+        dim, heads = 48, 6
+    build, shape = build_of(name, dim, heads), (2, 16, 16, dim)
+    if getattr(attnbench.get_spec(name).cls, "memory_unpredictable", None):
+        pytest.skip("a FlexAttention form: its memory is not predicted on meta (see the test above)")
     forward_build = merged(build) if attnbench.get_spec(name).has("reparameterize") else build
     forward = predict_peak_bytes(forward_build, shape, F32, "forward")
     assert predict_peak_bytes(build, shape, F32, "train") > forward > 0

@@ -203,6 +203,8 @@ class FlexPlans:
     ``flex_compile_s``; ``flops_analytic`` of a flex form uses ``_flex_plan(..., 'cpu')`` counts."""
 
     fvcore_unavailable = FVCORE_REASON
+    memory_unpredictable = ("a FlexAttention form's working memory is its fused kernel's, which the meta-device "
+                            "stand-in (explicit blocks) does not reproduce")
 
     def _init_flex(self) -> None:
         self._flex_plans: dict = {}

@@ -189,6 +189,12 @@ def predict_peak_bytes(build: Callable[[], nn.Module], x_shape: tuple[int, ...],
         raise PredictionError(f"mode must be one of {MODES}, got {mode!r}")
     try:
         module = build_meta(build, dtype)
+    except Exception as exc:  # a module that cannot be built on meta
+        raise PredictionError(f"cannot predict on meta: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    for sub in module.modules():  # a module whose meta stand-in allocates otherwise than its real kernel
+        if getattr(sub, "memory_unpredictable", None):
+            raise PredictionError(f"cannot predict on meta: {sub.memory_unpredictable}")
+    try:
         x = torch.empty(tuple(x_shape), device="meta", dtype=dtype)
         with FusedSDPAOnMeta():
             call = make_call(module, x, mode)
