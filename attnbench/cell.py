@@ -172,12 +172,12 @@ def steady_state(timed: Callable[[], None], device: torch.device, samples: list[
     """Blocks of back-to-back calls without flush or synchronisation (what timm's benchmark and a training
     loop see), beside the flushed per-call times (cold cache, as do_bench); ``launch_bound`` where the
     steady time is more than 20% above the flushed median: the CPU's launches set the pace."""
-    median_ms = sorted(samples)[len(samples) // 2]
+    median_ms = Latency(tuple(samples)).median  # the row's latency_ms_median (an even count: the middle two's mean)
     per_block = timing.steady_calls(max(est_s, median_ms / 1e3), total_s)
     if per_block is None:
         return {}
     steady = timing.time_steady(timed, device, per_block)
-    steady_ms = sorted(steady)[len(steady) // 2]
+    steady_ms = Latency(tuple(steady)).median
     return {"latency_steady_ms_median": steady_ms, "latency_steady_ms_samples": steady, "steady_calls": per_block,
             "launch_bound": timing.launch_bound(median_ms, steady_ms)}
 

@@ -295,3 +295,175 @@ def test_plan_repeats_default_unchanged_for_fast_cells():
     """max_repeats 100 and 10 us calls: 1 ms of samples today; 0.1 s with min_sample_s."""
     assert timing.plan_repeats(1e-5, 0.5, 5, 100, 30.0) == 100
     assert timing.plan_repeats(1e-5, 0.5, 5, 100, 30.0, min_sample_s=0.1) == 10000
+
+
+# --- 5. the steady state in a whole cell: measure_cell on a faked CUDA device ---------------------
+
+FLUSHED_MS = [2.0, 1.9, 2.3, 2.0, 2.1, 1.8]  # the warm-up call, then the 5 timed calls (FAST_TIMING): median 2.0
+
+
+@pytest.fixture
+def cuda_cell(monkeypatch, fake_graph_cuda):
+    """``measure(steady_ms, flushed_ms=FLUSHED_MS, **timing)``: one toy.proj cell measured by
+    :func:`attnbench.cell.measure_cell` on a faked CUDA device (its module and input stay on the CPU), CUDA
+    events scripted: a flushed call's window (one call) takes the next of ``flushed_ms``; block k of the
+    steady phase takes ``steady_ms[k]`` per call in it. Returns the row and what happened: ``log`` (calls,
+    graph replays, flushes, events, syncs, in order), ``steady_log`` (the part inside
+    :func:`attnbench.cell.steady_state`), ``blocks`` (the calls each steady window held),
+    ``flushed_windows`` (the calls each other window held)."""
+    import dataclasses
+
+    from conftest import FAST_TIMING, make_suite
+
+    from attnbench import cell
+    from attnbench.context import CellContext
+    from attnbench.job import CellSettings, Job
+    from attnbench.runner import prepare
+
+    log, _ = fake_graph_cuda
+    seen = {"phase": None, "steady": [], "flushed": iter(()), "blocks": [], "flushed_windows": [], "steady_log": None,
+            "log": log}
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = self.phase = None
+
+        def record(self):
+            self.at, self.phase = len(log), seen["phase"]
+            log.append("record")
+
+        def elapsed_time(self, end):
+            calls = sum(e in ("call", "replay") for e in log[self.at:end.at])
+            if end.phase == "steady":
+                seen["blocks"].append(calls)
+                return seen["steady"][len(seen["blocks"]) - 1] * calls
+            seen["flushed_windows"].append(calls)
+            return next(seen["flushed"]) * calls
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 4096)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    real_builder, real_input, real_make_call, real_steady = (cell.module_builder, cell.random_input, cell.make_call,
+                                                             cell.steady_state)
+
+    def module_builder(case):  # built for "cuda", kept on the CPU: .to(device=...) keeps the dtype only
+        build = real_builder(case)
+
+        def built():
+            module = build()
+            module.to = lambda *a, device=None, **k: torch.nn.Module.to(module, *a, **k)
+            return module
+
+        return built
+
+    def make_call(module, x, mode):
+        call = real_make_call(module, x, mode)
+
+        def logged():
+            call()
+            log.append("call")
+
+        return logged
+
+    def steady_state(*args, **kwargs):
+        seen["phase"], start = "steady", len(log)
+        try:
+            return real_steady(*args, **kwargs)
+        finally:
+            seen["phase"], seen["steady_log"] = None, log[start:]
+
+    monkeypatch.setattr(cell, "module_builder", module_builder)
+    monkeypatch.setattr(cell, "random_input", lambda case, batch, seed: real_input(
+        dataclasses.replace(case, device="cpu"), batch, seed))
+    monkeypatch.setattr(cell, "make_call", make_call)
+    monkeypatch.setattr(cell, "steady_state", steady_state)
+
+    def measure(steady_ms, flushed_ms=FLUSHED_MS, **timing_kw):
+        suite = make_suite(["toy.proj"], timing={**FAST_TIMING, "sentinel": False, **timing_kw})
+        _suite, _dev, cases = prepare(suite)
+        case = dataclasses.replace(cases[0], device="cuda")
+        log.clear()
+        seen.update(steady=list(steady_ms), flushed=iter(flushed_ms), blocks=[], flushed_windows=[], steady_log=None)
+        ctx = CellContext(device=CUDA, flush=lambda: log.append("flush"))
+        row = cell.measure_cell(Job(case=case, settings=CellSettings.from_suite(suite.model)), ctx)
+        assert row["status"] == "ok", row["message"]
+        return row, seen
+
+    return measure
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("steady_ms,want_median,want_bound", [
+    ([3.0, 2.6, 2.5, 9.0, 2.45], 2.6, True),    # 30% above the flushed median of 2.0 ms: launch-bound
+    ([2.0, 2.2, 2.3, 9.0, 1.5], 2.2, False),    # 10% above: within the tolerance
+    ([2.5, 2.45, 2.3, 2.2, 2.41], 2.41, True),  # just over 20%
+    ([2.5, 2.39, 2.3, 2.2, 2.45], 2.39, False),  # just under
+    ([1.2, 1.1, 1.0, 1.3, 1.25], 1.2, False),   # faster than flushed: the warm cache, not launches
+])
+def test_cell_steady_state_columns_from_scripted_events(cuda_cell, cuda_graph, steady_ms, want_median, want_bound):
+    row, seen = cuda_cell(steady_ms, steady_s=0.1, cuda_graph=cuda_graph)
+    assert row["timing_method"] == ("cuda_graph_replay" if cuda_graph else "cuda_events") and row["l2_flush"] is True
+    # the flushed samples are the scripted ones: one call per pair of events, median 2.0 ms
+    assert row["latency_ms_samples"] == FLUSHED_MS[1:] and row["latency_ms_median"] == 2.0
+    assert seen["flushed_windows"] == [1] * len(FLUSHED_MS)
+    # 5 blocks of 0.1 s / 5 / 2 ms = 10 back-to-back calls each; one event per block boundary
+    per_block = row["steady_calls"]
+    assert per_block == 10 == timing.steady_calls(2e-3, 0.1) and seen["blocks"] == [per_block] * timing.STEADY_BLOCKS
+    # each sample is the block's time over its calls; the median over the blocks
+    block_ms = [ms * n for ms, n in zip(steady_ms, seen["blocks"])]
+    assert row["latency_steady_ms_samples"] == pytest.approx([t / per_block for t in block_ms])
+    assert row["latency_steady_ms_median"] == pytest.approx(want_median)
+    assert row["launch_bound"] is want_bound
+    assert want_bound is (want_median > 1.2 * row["latency_ms_median"])
+
+
+def test_cell_launch_bound_is_judged_against_the_reported_flushed_median(cuda_cell):
+    """An even number of timed calls: the flag compares with the row's latency_ms_median (the mean of the
+    two middle samples), not with the upper of them."""
+    row, _ = cuda_cell([2.5] * 5, flushed_ms=[2.0, 1.0, 1.0, 3.0, 3.0], steady_s=0.1, min_repeats=4, max_repeats=4)
+    assert row["latency_n"] == 4 and row["latency_ms_median"] == 2.0
+    assert row["latency_steady_ms_median"] == pytest.approx(2.5) and row["launch_bound"] is True  # 25% above 2.0
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cell_flushes_the_timed_calls_never_the_steady_blocks(cuda_cell, cuda_graph):
+    """The fake flush is the cell's (one timed alone for the budget, then one before each timed call,
+    outside its events); none inside the steady phase, and no synchronisation between its calls."""
+    row, seen = cuda_cell([2.0] * 5, steady_s=0.1, cuda_graph=cuda_graph)
+    log, steady, n = seen["log"], seen["steady_log"], row["steady_calls"]
+    unit = "replay" if cuda_graph else "call"
+    timed = (["flush", "record", unit, "record"] * row["latency_n"])
+    start = next(i for i in range(len(log)) if log[i:i + len(timed)] == timed)  # the timed calls, each flushed
+    assert log.count("flush") == 1 + row["latency_n"] and "flush" not in log[start + len(timed):]
+    assert steady == ["sync", "record"] + ([unit] * n + ["record"]) * timing.STEADY_BLOCKS + ["sync"]
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cell_without_steady_s_has_no_steady_columns(cuda_cell, cuda_graph):
+    row, seen = cuda_cell([2.0] * 5, steady_s=0.0, cuda_graph=cuda_graph)
+    assert seen["steady_log"] is None and seen["blocks"] == []  # the steady phase never ran
+    for col in ("latency_steady_ms_median", "latency_steady_ms_samples", "steady_calls", "launch_bound"):
+        assert col not in row
+    assert row["latency_ms_median"] == 2.0  # the flushed samples as with it
+
+
+def test_cell_steady_phase_skipped_when_one_call_per_block_does_not_fit(cuda_cell):
+    """steady_s too short for 5 calls of 2 ms: no blocks, no steady columns."""
+    row, seen = cuda_cell([2.0] * 5, steady_s=0.009)
+    assert seen["steady_log"] is not None and seen["blocks"] == [] and "steady_calls" not in row
+
+
+def test_cpu_cell_has_no_steady_columns(tmp_path):
+    """The steady phase is the GPU's (a CPU call is synchronous: its timed calls are back to back already)."""
+    from conftest import FAST_TIMING, make_suite
+
+    from attnbench.runner import run_suite
+
+    row = run_suite(make_suite(["toy.proj"], timing={**FAST_TIMING, "sentinel": False, "steady_s": 0.1}),
+                    out=tmp_path / "r", progress=False).rows[0]
+    assert row["status"] == "ok" and "steady_calls" not in row and "launch_bound" not in row
