@@ -189,3 +189,46 @@ def test_a_flex_form_is_timed_only_as_compiled_flex(tmp_path):
     assert by_mode["forward"]["status"] == "ok", by_mode["forward"]["message"]
     assert by_mode["train"]["status"] == "unsupported"
     assert "no backward on CPU" in by_mode["train"]["message"]
+
+
+@pytest.mark.parametrize("name,params", [("swin.window_flex", {}), ("swin.shift_flex", {"window": 4, "shift": 1}),
+                                         ("swin.shift_flex", {"window": 5, "shift": 2})])
+def test_swin_flex_blocks_are_the_windows(name, params):
+    """Window-major order, block size M^2: the block mask is block-diagonal, each computed block one window
+    (all "full"), so the computed pairs are the unmasked ones and flops_analytic == flops_useful."""
+    m = attnbench.create(name, dim=24, heads=2, **params)
+    M = m.window
+    for h, w in ((23, 17), (56, 56)):
+        hp, wp = -(-h // M) * M, -(-w // M) * M
+        plan = m._plan(hp, wp)
+        assert plan.computed_pairs == plan.allowed_pairs == hp * wp * M * M
+        bm = plan.block_mask
+        assert bm.BLOCK_SIZE == (M * M, M * M)
+        assert int(bm.kv_num_blocks.sum()) == 0 and bm.full_kv_num_blocks.flatten().tolist() == [1] * (hp * wp // M // M)
+        assert m.flops_analytic(2, h, w) == m.flops_useful(2, h, w)
+
+
+@pytest.mark.parametrize("h,w,k,dil", [(56, 56, 7, 1), (17, 13, 5, 2), (19, 11, 3, 3), (9, 23, 7, 1)])
+def test_neighborhood_flex_tile_layout(h, w, k, dil):
+    """The gathers are a layout of the grid (each token once as a query and once as a key), the rule equals the
+    row-major one of the naive form's tables, and at 56 x 56, kernel 7, tile 4 each query tile computes
+    at most 3 x 3 key blocks of 16 (144 keys per query instead of the row-major order's ~615)."""
+    from attnbench.impls.neighborhood import axis_tables, nat_flex_rule
+
+    m = attnbench.create("local.neighborhood_flex", dim=24, heads=2, kernel=k, dilation=dil)
+    mask_fn, _, q_len, kv_len, block, q_src, kv_src, q_inv = nat_flex_rule(h, w, k, dil, m.tile)
+    assert torch.equal(q_src[q_inv], torch.arange(h * w))
+    dense = mask_fn(torch.arange(q_len)[:, None], torch.arange(kv_len)[None, :])
+    pairs = dense.nonzero()
+    got = torch.zeros(h * w, h * w, dtype=torch.bool)
+    got[q_src[pairs[:, 0]], kv_src[pairs[:, 1]]] = True
+    assert len(pairs) == h * w * k * k == int(got.sum())  # no pair twice: padding never allowed
+    kr, _ = axis_tables(h, k, dil)
+    kc, _ = axis_tables(w, k, dil)
+    keys = (kr[:, None, :, None] * w + kc[None, :, None, :]).reshape(h * w, k * k)
+    want = torch.zeros(h * w, h * w, dtype=torch.bool)
+    want[torch.arange(h * w)[:, None], keys] = True
+    assert torch.equal(got, want)
+    if (h, w, k, dil) == (56, 56, 7, 1) and m.tile == 4:
+        plan = m._plan(h, w)  # interior tiles 3 x 3 key blocks, clamped border tiles fewer
+        assert max(keys for *_, keys in plan.spans) == 9 * 16 and plan.computed_pairs < h * w * 9 * 16

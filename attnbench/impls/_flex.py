@@ -6,9 +6,14 @@ sequence, q (B, h, Nq, d), k and v (B, h, Nk, d), with a block mask built here f
 element-wise rule ``mask_fn(q_idx, kv_idx) -> bool`` (broadcasting index tensors) and, where the
 design has a bias, a ``score_mod``. Scale: flex's default 1/sqrt(d).
 
+Token order: every form puts its tokens in an order where the allowed pairs are nearly
+block-diagonal and passes a matching block size: local.flex and local.neighborhood_flex tile-major
+(t x t tiles, block t^2), swin.window_flex and swin.shift_flex window-major (block M^2, one window
+per block). A row-major order with 128-token blocks would make each query block touch ~5 key blocks.
+
 Block mask (:class:`FlexPlan`, built once per module, token grid and device): the rule is evaluated
-over Q-block rows of ``BLOCK`` (128; local.flex passes tile^2) queries, so memory is one block row
-x Nk booleans at a time; a
+over Q-block rows of ``block`` queries (``BLOCK`` = 128 when none is passed), so memory is one block
+row x Nk booleans at a time; a
 (Q block, KV block) tile is skipped when no pair in it is allowed, marked "full" (no mask_mod call)
 when every pair in it is allowed and it is not an edge tile, and "partial" otherwise.
 
@@ -154,7 +159,10 @@ def _explicit_blocks(q, k, v, plan: FlexPlan, score_mod: Callable | None) -> tor
             kv_idx = idx[None, :]
             if score_mod is not None:
                 s = score_mod(s, batch, heads, q_idx, kv_idx)
-            s = s.masked_fill(~plan.mask_fn(q_idx, kv_idx), float("-inf"))
+            # the dtype's lowest finite value, not -inf: a query with no allowed key (a padding query of
+            # local.neighborhood_flex's tiles, discarded afterwards) then gives a finite row instead of NaN,
+            # whose backward would poison the gradients; rows with an allowed key are unchanged (exp -> 0)
+            s = s.masked_fill(~plan.mask_fn(q_idx, kv_idx), torch.finfo(s.dtype).min)
         outs.append(s.softmax(-1) @ vs)
     return torch.cat(outs, dim=2)
 

@@ -232,23 +232,25 @@ class SwinShiftCyclic(_ShiftedSwin):
 
 
 def swin_flex_rule(hp: int, wp: int, window: int, shift: int):
-    """(mask_fn, rel_index_fn, region_fn) on row-major token indices of the (Hp, Wp) padded grid, in Swin's
-    cyclic coordinates: position i on an axis of length L sits at ``(i - shift) mod L`` after the roll
-    (shift 0: W-MSA). Allowed: the same rolled window; relative index: the pair's offset within the
-    rolled window, row of the ((2M-1)^2, heads) table; region (0, 1, 2 per axis, as
-    :func:`cyclic_shift_mask`): pairs of different regions get -100, as in ``swin.shift_cyclic``."""
-    M, s = window, shift
+    """(mask_fn, rel_index_fn, region_fn) on WINDOW-MAJOR token indices of the (Hp, Wp) padded grid rolled
+    by -shift (Swin's cyclic coordinates; shift 0: W-MSA): token p is number ``p mod M^2`` (row-major) of
+    window ``p // M^2`` (windows row-major), the order of ``window_partition`` of the rolled grid.
+    Allowed: the same window, i.e. ``q // M^2 == k // M^2``; relative index: the pair's offset within the
+    window, row of the ((2M-1)^2, heads) table; region (0, 1, 2 per axis, as :func:`cyclic_shift_mask`,
+    on the rolled grid): pairs of different regions get -100, as in ``swin.shift_cyclic``."""
+    M, s, n = window, shift, window * window
+    cols = wp // M  # windows per row
 
-    def rolled(idx):
-        return (idx // wp - s) % hp, (idx % wp - s) % wp
+    def rolled(idx):  # (row, col) on the rolled grid
+        w, t = idx // n, idx % n
+        return (w // cols) * M + t // M, (w % cols) * M + t % M
 
     def mask_fn(q_idx, kv_idx):
-        (qi, qj), (ki, kj) = rolled(q_idx), rolled(kv_idx)
-        return (qi // M == ki // M) & (qj // M == kj // M)
+        return q_idx // n == kv_idx // n
 
     def rel_index(q_idx, kv_idx):
-        (qi, qj), (ki, kj) = rolled(q_idx), rolled(kv_idx)
-        return (qi % M - ki % M + M - 1) * (2 * M - 1) + (qj % M - kj % M + M - 1)
+        qt, kt = q_idx % n, kv_idx % n
+        return (qt // M - kt // M + M - 1) * (2 * M - 1) + (qt % M - kt % M + M - 1)
 
     def region(idx):
         i, j = rolled(idx)
@@ -259,13 +261,17 @@ def swin_flex_rule(hp: int, wp: int, window: int, shift: int):
 
 class _SwinFlex(FlexPlans):
     """FlexAttention over the whole (Hp, Wp) grid (zero-padded to multiples of M before ``qkv``, as Swin
-    does): one flex call, block mask = the (rolled) windows, ``score_mod`` = table lookup (+ -100 across
-    regions when shifted). No window partition, no roll: each query is computed at its own position.
+    does) in WINDOW-MAJOR order: the grid (rolled by -shift when shifted, as ``swin.shift_cyclic``) cut
+    by :func:`window_partition` into one sequence of Hp Wp tokens, each M x M window contiguous; one flex
+    call with block size M^2 (one window per block), so the block mask is block-diagonal (every computed
+    block is a window, "full": no mask_mod call); ``score_mod`` = table lookup (+ -100 across regions when
+    shifted); then :func:`window_reverse` (and the roll back).
 
-    FLOPs: ``flops_analytic`` counts the blocks the kernel COMPUTES (128 x 128 tiles of the (Hp Wp)^2
-    score matrix holding an allowed pair, edge tiles truncated), 4 C B * computed_pairs, plus the
-    linears on Hp*Wp tokens (what torch's counter gives on meta); ``flops_useful`` the unmasked pairs,
-    Hp Wp M^2 per image: the window form's count. fvcore cannot trace flex (NaN + message).
+    FLOPs: ``flops_analytic`` counts the blocks the kernel COMPUTES (M^2 x M^2 tiles of the (Hp Wp)^2
+    score matrix holding an allowed pair: the windows), 4 C B * computed_pairs, plus the linears on
+    Hp*Wp tokens (what torch's counter gives on meta); ``flops_useful`` the unmasked pairs, Hp Wp M^2
+    per image: the window form's count (equal here: the blocks are the windows). fvcore cannot trace
+    flex (NaN + message).
     """
 
     shift = 0
@@ -274,17 +280,21 @@ class _SwinFlex(FlexPlans):
         return swin_flex_rule(hp, wp, self.window, self.shift)
 
     def _plan(self, hp: int, wp: int, device="cpu"):
-        return self._flex_plan((hp, wp), self._rules(hp, wp)[0], hp * wp, hp * wp, device)
+        return self._flex_plan((hp, wp), self._rules(hp, wp)[0], hp * wp, hp * wp, device, block=self.window ** 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
-        x = pad_to_multiple(x, self.window)
+        M, s = self.window, self.shift
+        x = pad_to_multiple(x, M)
         _, Hp, Wp, _ = x.shape
         h, d, n = self.heads, self.head_dim, Hp * Wp
+        if s:
+            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
+        x = window_partition(x, M).reshape(B, n, C)  # window-major
         q, k, v = self.qkv(x).reshape(B, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d)
         _, rel_index, region = self._rules(Hp, Wp)
-        table, shifted = self.relative_position_bias_table, self.shift > 0
+        table, shifted = self.relative_position_bias_table, s > 0
 
         def score_mod(score, b, head, q_idx, kv_idx):
             score = score + table[rel_index(q_idx, kv_idx), head]
@@ -293,11 +303,13 @@ class _SwinFlex(FlexPlans):
             return score
 
         out = run_flex(self, q, k, v, self._plan(Hp, Wp, x.device), score_mod)  # (B, h, N, d)
-        out = self.proj(out.transpose(1, 2).reshape(B, Hp, Wp, C))
+        out = window_reverse(self.proj(out.transpose(1, 2).reshape(B * (n // (M * M)), M * M, C)), M, Hp, Wp)
+        if s:
+            out = torch.roll(out, shifts=(s, s), dims=(1, 2))
         return out[:, :H, :W]
 
     def computed_pairs(self, height: int, width: int) -> int:
-        """Query-key pairs in the 128 x 128 blocks computed, per image, on the padded grid."""
+        """Query-key pairs in the M^2 x M^2 blocks computed, per image, on the padded grid."""
         M = self.window
         return self._plan(-(-height // M) * M, -(-width // M) * M).computed_pairs
 
@@ -314,7 +326,7 @@ class _SwinFlex(FlexPlans):
 
 @register("swin.window_flex", family="swin", algorithm="swin.window")
 class SwinWindowFlex(_SwinFlex, _SwinAttention):
-    """Swin W-MSA by FlexAttention on the whole grid: window block mask, relative position bias as score_mod."""
+    """Swin W-MSA by FlexAttention on the whole grid in window-major order: block-diagonal window mask, relative position bias as score_mod."""
 
     def __init__(self, dim: int, heads: int, window: int = 7, qkv_bias: bool = True):
         super().__init__(dim, heads, window, qkv_bias)
@@ -323,7 +335,7 @@ class SwinWindowFlex(_SwinFlex, _SwinAttention):
 
 @register("swin.shift_flex", family="swin", algorithm="swin.shift")
 class SwinShiftFlex(_SwinFlex, _ShiftedSwin):
-    """Swin SW-MSA by FlexAttention on the whole grid: cyclic-shift windows as a block mask, -100 across regions, no roll."""
+    """Swin SW-MSA by FlexAttention on the whole rolled grid in window-major order: block-diagonal window mask, -100 across regions."""
 
     def __init__(self, dim: int, heads: int, window: int = 7, shift: int = -1, qkv_bias: bool = True):
         super().__init__(dim, heads, window, shift, qkv_bias)
