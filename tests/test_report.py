@@ -263,3 +263,16 @@ def test_report_comparing_two_runs(tmp_path, capsys):
     out = tmp_path / "cmp.html"
     assert main(["report", str(a), str(b), "--out", str(out)]) == 0 and out.is_file()
     assert main(["report", str(a), str(tmp_path / "nothing")]) == 2
+
+
+def test_whole_model_runs_get_a_macs_table(tmp_path):
+    """Model cells have no analytic FLOPs: their report shows fvcore's MACs; attention runs do not get the section."""
+    from conftest import make_row, write_run
+
+    rows = [make_row(impl="timm", label=f"{m}[timm]", model=m, macs_fvcore=macs, flops_analytic=None, cell_id=m)
+            for m, macs in [("swin_tiny_patch4_window7_224", 4.509e9), ("pvt_v2_b0", 5.72e8)]]
+    md, _ = write_report(write_run(tmp_path / "models", rows))
+    text = md.read_text()
+    assert "## MACs of whole models" in text and "4.51 GMAC" in text and "572 MMAC" in text
+    md2, _ = write_report(write_run(tmp_path / "attn", [make_row(impl="mha.sdpa", cell_id="a")]))
+    assert "MACs of whole models" not in md2.read_text()

@@ -85,6 +85,11 @@ def flops(v: Any, digits: int = SIG) -> str:
                        (1.0, "FLOP")], digits)
 
 
+def macs(v: Any, digits: int = SIG) -> str:
+    """Multiply-accumulates (fvcore's count, the vision papers' "FLOPs"): ``4.51 GMAC``."""
+    return _scaled(v, [(1e12, "TMAC"), (1e9, "GMAC"), (1e6, "MMAC"), (1e3, "kMAC"), (1.0, "MAC")], digits)
+
+
 def rate(v: Any, unit: str = "img/s", digits: int = SIG) -> str:
     f = _finite(v)
     return "-" if f is None else f"{sig(f, digits)} {unit}"
@@ -116,6 +121,7 @@ COLUMNS: dict[str, tuple[Any, str, str]] = {
     "latency_ms_median": (ms, "latency (median)", "low"),
     "peak_mem_bytes": (nbytes, "peak memory of one call", "low"),
     "flops_analytic": (flops, "FLOPs (analytic)", ""),
+    "macs_fvcore": (macs, "MACs (fvcore: the papers' FLOPs)", ""),
     "throughput_img_s": (rate, "throughput", "high"),
     "latency_cv": (pct, "latency spread (CV)", ""),
 }

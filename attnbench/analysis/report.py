@@ -273,6 +273,11 @@ def build_sections(run: runs.Run, pngs: list[Path]) -> list[page.Section]:
         if col == "latency_ms_median":
             s.folded.append(("latency spread: p10-p90 of the timed calls", spread_table(run)))
         secs.append(s)
+    if "model" in run.df and run.df["model"].fillna("").astype(str).astype(bool).any():
+        secs.append(page.Section("MACs of whole models", "Whole-model cells have no closed-form FLOP count: "
+                                 "fvcore's multiply-accumulates of one call (the vision papers' \"FLOPs\"), "
+                                 "counted on the meta device.", tables=[metric_table(run, "macs_fvcore")],
+                                 anchor="macs"))
     header, rows = exponent_table(run)
     if rows:
         secs.append(page.Section(
