@@ -319,10 +319,19 @@ def blocked_message(resolution: int, status: str) -> str:
     return f"{SKIPPED_PREFIX} resolution {resolution} was {status}"
 
 
+def prepare_process(job: Job, loaded: set[str] | None = None) -> None:
+    """Make this process ready for ``job``: load its plugins (those not already in ``loaded``, which is
+    updated) and apply the process-wide settings the parent applies (threads, TF32, current device)."""
+    for path in job.plugins:
+        if loaded is None or path not in loaded:
+            registry.load_plugin_file(Path(path))
+            if loaded is not None:
+                loaded.add(path)
+    apply_globals(job.settings.threads, job.settings.tf32, torch.device(job.case.device))
+
+
 def run_job(job: Job) -> dict[str, Any]:
     """A worker's entry: apply the job's process-wide settings, load its plugins, measure the cell."""
-    for path in job.plugins:
-        registry.load_plugin_file(Path(path))
-    apply_globals(job.settings.threads, job.settings.tf32, torch.device(job.case.device))
+    prepare_process(job)
     gc.freeze()  # as in the in-process runner: the cell's final gc.collect() scans only its own objects
     return measure_cell(job)

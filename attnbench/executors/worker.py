@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
 _STATE: dict[str, Any] = {"plugins": set(), "contexts": {}}
@@ -65,17 +64,9 @@ def measure(job: Any, measure_peaks: bool = True, known: dict[str, Any] | None =
             on_start: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Measure ``job`` in this process; return its row (with the where-columns) and this worker's environment.
     ``on_start`` is called when the cell itself starts (after this worker's start-up and its peaks)."""
-    import torch
+    from ..cell import measure_cell, prepare_process
 
-    from .. import registry
-    from ..cell import measure_cell
-    from ..device import apply_globals
-
-    for path in job.plugins:
-        if path not in _STATE["plugins"]:
-            registry.load_plugin_file(Path(path))
-            _STATE["plugins"].add(path)
-    apply_globals(job.settings.threads, job.settings.tf32, torch.device(job.case.device))
+    prepare_process(job, _STATE["plugins"])
     ctx, env = _context(job, measure_peaks, known or {})
     if not _STATE.get("frozen"):
         gc.freeze()  # as in the in-process runner: a cell's gc.collect() scans only its own objects
