@@ -52,12 +52,21 @@ def predict_memory_bytes(prior_peak_bytes: float, prior_tokens: float, tokens: f
     return prior_peak_bytes * (tokens / prior_tokens) ** 2
 
 
+def time_text(seconds: float, unit: str = "ms") -> str:
+    """A duration for a message in ``unit`` (ms or s), without scientific notation: a time of a second
+    or more is written in s (``1.6 s``, not ``1.6e+03 ms``), one under a millisecond in ms (``0.85 ms``)."""
+    if seconds >= 0.9995 or (unit == "s" and seconds >= 1e-3):
+        return f"{seconds:.3g} s" if seconds < 999.5 else f"{seconds:.0f} s"
+    return f"{seconds * 1e3:.3g} ms"
+
+
 def time_problem(prior: Prior, flops: float, calls: int, budget_s: float) -> str | None:
     """Why ``calls`` calls of the next cell would not fit ``budget_s`` (None when they would)."""
     predicted_s = predict_latency_ms(prior.latency_ms, prior.flops, flops) / 1e3
     if predicted_s * calls > budget_s:
-        return (f"predicted {predicted_s:.3g} s per call (resolution {prior.resolution}: {prior.latency_ms:.3g} ms, "
-                f"scaled by FLOPs) x {calls} calls exceeds the cell budget of {budget_s:g} s")
+        return (f"predicted {time_text(predicted_s, 's')} per call (resolution {prior.resolution}: "
+                f"{time_text(prior.latency_ms / 1e3)}, scaled by FLOPs) x {calls} calls exceeds the cell budget "
+                f"of {budget_s:g} s")
     return None
 
 

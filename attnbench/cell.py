@@ -130,7 +130,8 @@ def measure_latency(call: Callable[[], None], case: Case, settings: CellSettings
         first_s = _wall(call, device)
     t_start = time.perf_counter() - first_s
     if first_s * 2 > budget_s:
-        raise OverBudget(f"the first call took {first_s:.3g} s, over half the cell budget of {budget_s:g} s")
+        raise OverBudget(f"the first call took {budget.time_text(first_s, 's')}, over half the cell budget of "
+                         f"{budget_s:g} s")
     # 2. warm-up by time
     warm = timing.time_calls(call, device, 1)
     while sum(warm) / 1e3 < tm.warmup_s:
@@ -153,7 +154,7 @@ def measure_latency(call: Callable[[], None], case: Case, settings: CellSettings
     n = timing.plan_repeats(est_s, tm.target_s, tm.min_repeats, tm.max_repeats, remaining_s,
                             min_sample_s=tm.min_sample_s, overhead_s=flush_s)
     if n is None:
-        raise OverBudget(f"{tm.min_repeats} calls of {est_s * 1e3:.3g} ms exceed the {remaining_s:.3g} s "
+        raise OverBudget(f"{tm.min_repeats} calls of {budget.time_text(est_s)} exceed the {remaining_s:.3g} s "
                          f"left of the cell budget of {budget_s:g} s")
     load = cpuload.read() if device.type == "cpu" else None
     with telemetry_mod.sampling(ctx.telemetry, interval_s=0.01) as gpu_load:  # GPU state under load

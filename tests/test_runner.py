@@ -310,3 +310,13 @@ def test_gpu_run(tmp_path, keep_torch_globals):
     assert (df["tf32"] == True).all()  # noqa: E712 - applied, and recorded per row
     assert (df["dtype"] == "bfloat16").all() and (df["peak_mem_method"] == "cuda_allocator_peak_delta").all()
     assert not math.isnan(df["peak_mem_bytes"].iloc[0])
+
+
+def test_budget_messages_write_times_without_scientific_notation():
+    from attnbench.budget import Prior, time_problem, time_text
+
+    assert [time_text(s) for s in (0.00085, 0.102, 2.99)] == ["0.85 ms", "102 ms", "2.99 s"]
+    assert time_text(0.41, "s") == "0.41 s" and time_text(3300, "s") == "3300 s"
+    prior = Prior(resolution=640, latency_ms=1600.0, flops=1e9, tokens=25600, peak_mem_bytes=1e6)
+    text = time_problem(prior, 2e9, 8, 20.0)
+    assert "e+" not in text and "(resolution 640: 1.6 s, scaled by FLOPs)" in text
