@@ -74,8 +74,11 @@ def test_out_of_memory_clean_up_happens_after_the_exception_is_gone(tmp_path, mo
 
     alive_at_cleanup = []
     real_collect = gc.collect
-    monkeypatch.setattr(build.gc, "collect", lambda *a: real_collect(*a) or alive_at_cleanup.append(
-        [r() is not None for r in held]))
+    def collect(*a):  # record what is alive when the clean-up runs, whatever collect() returns
+        alive_at_cleanup.append([r() is not None for r in held])
+        return real_collect(*a)
+
+    monkeypatch.setattr(build.gc, "collect", collect)
     _suite, _dev, cases = prepare(make_suite(["toy.proj"], batch=4))
     batch, tries = build.find_max_batch(cases[0], Hog(), cell.CellSettings())
     assert batch == 1 and [t["fits"] for t in tries][-1] is True
