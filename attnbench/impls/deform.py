@@ -63,6 +63,18 @@ from ._common import attention_flops, attention_sdpa, check_heads, linear_flops
 SAMPLE_FLOPS = 8  # bilinear grid_sample: 4 neighbours, one MAC each, per channel and point
 
 
+def device_pair(a: float, b: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (2,) tensor [a, b] made on ``device`` by two fills, not from Python data: no host tensor and
+    no host->device copy (``torch.tensor([a, b], device=cuda)`` is a blocking one, a host-device sync in
+    every call, and cannot be captured in a CUDA graph). Same values as ``torch.tensor([a, b])`` in
+    ``dtype``; used as a tensor operand, the arithmetic is the same as with that tensor (a Python scalar
+    operand would not be: CUDA divides by a scalar as a multiplication by its reciprocal)."""
+    t = torch.empty(2, dtype=dtype, device=device)
+    t[0].fill_(a)
+    t[1].fill_(b)
+    return t
+
+
 def sample_flops(points: int, channels: int) -> int:
     """FLOPs of bilinear ``grid_sample`` of ``channels`` values at ``points`` points (8 P C)."""
     return SAMPLE_FLOPS * points * channels
@@ -137,7 +149,7 @@ class DeformableAttention(nn.Module):
         ref = torch.stack(torch.meshgrid(ref_y, ref_x, indexing="ij"), dim=-1)  # (Hk, Wk, 2) as (y, x)
         f = self.offset_range_factor
         if f >= 0:
-            pos = off.tanh() * torch.tensor([f / (Hk - 1), f / (Wk - 1)], **opts) + ref
+            pos = off.tanh() * device_pair(f / (Hk - 1), f / (Wk - 1), **opts) + ref
         else:
             pos = (off + ref).clamp(-1.0, 1.0)
         x_groups = x.permute(0, 3, 1, 2).reshape(B * g, C // g, H, W)
@@ -217,7 +229,7 @@ class MultiScaleDeformableAttention(nn.Module):
         ref_y = (torch.arange(H, **opts) + 0.5) / H
         ref_x = (torch.arange(W, **opts) + 0.5) / W
         ref = torch.stack(torch.meshgrid(ref_x, ref_y, indexing="xy"), dim=-1).reshape(1, n, 1, 1, 2)
-        loc = ref + offsets / torch.tensor([W, H], **opts)  # (B, N, h, P, 2) in [0, 1] inside the grid
+        loc = ref + offsets / device_pair(W, H, **opts)  # (B, N, h, P, 2) in [0, 1] inside the grid
         grid = (2 * loc - 1).transpose(1, 2).reshape(B * h, n, p, 2)
         sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros",
                                 align_corners=False)  # (B*h, d, N, P)
