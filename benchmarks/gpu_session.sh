@@ -3,14 +3,15 @@
 #
 #   bash benchmarks/gpu_session.sh check  OUTDIR   # GPU-marked tests + benchmarks/check_timing.py
 #   bash benchmarks/gpu_session.sh suites OUTDIR   # the three reference suites on the GPU
+#   bash benchmarks/gpu_session.sh reproduce OUTDIR  # Swin's Table 5 and NAT's speed comparison (issue 14)
 #
 # Each part writes OUTDIR/<part>.log and OUTDIR/<part>.tgz (the run folders, packed so that a
 # machine that returns only a few files returns them whole). Wheels in .whl/ (made here with
 # benchmarks/device_wheels.sh, for a GPU image without fvcore or pydantic) are installed into
 # /tmp/site first. Exit code: 2 without a CUDA GPU, else that of the last failing step (0: all passed).
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|suites OUTDIR}
-out=${2:?usage: gpu_session.sh check|suites OUTDIR}
+part=${1:?usage: gpu_session.sh check|suites|reproduce OUTDIR}
+out=${2:?usage: gpu_session.sh check|suites|reproduce OUTDIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 mkdir -p "$out/$part"
@@ -36,7 +37,11 @@ step() { echo "=== $*"; "$@" || { rc=$?; echo "=== exit $rc: $*"; }; }
       for s in resolution_sweep swin_shift local_attention; do
         step python3 -m attnbench run "suites/$s.yaml" --out "$out/$part/$s-gpu" --no-progress
       done ;;
-    *) echo "gpu_session: unknown part '$part' (check or suites)"; rc=2 ;;
+    reproduce)
+      for name in swin-table5 nat-speed; do
+        step python3 -m attnbench reproduce "$name" --results-root "$out/$part" --no-progress
+      done ;;
+    *) echo "gpu_session: unknown part '$part' (check, suites or reproduce)"; rc=2 ;;
   esac
   echo "$rc" > "$out/$part/rc"
 } 2>&1 | tee "$out/$part.log"
