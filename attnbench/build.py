@@ -16,7 +16,8 @@ from . import registry
 from .device import TORCH_DTYPES, empty_cache, is_oom
 from .job import CellSettings
 from .measure import flops as flops_mod
-from .measure import memory
+from .measure import memory, timing
+from .impls._flex import set_layout
 from .measure.call import make_call
 from .suite import Case
 
@@ -41,31 +42,44 @@ def input_shape(case: Case, batch: int) -> tuple[int, ...]:
 def module_builder(case: Case) -> Callable[[], torch.nn.Module]:
     """Builds the cell's module; in forward mode a module with ``reparameterize()`` is measured merged.
     A whole-model cell builds the timm model with its attention swapped (:mod:`attnbench.models`)."""
+    device_type = torch.device(case.device).type
     if case.model:
         from .models import build_model, rules_from_json
 
         rules = rules_from_json(case.attention)
         merge = case.mode == "forward"
         kwargs = json.loads(case.model_kwargs) if case.model_kwargs else None
-        return lambda: build_model(case.model, case.resolution, rules, merge, kwargs)[0]
+        def build_whole() -> torch.nn.Module:
+            model = build_model(case.model, case.resolution, rules, merge, kwargs)[0]
+            set_layout(model, device_type)
+            return model
+
+        return build_whole
     spec = registry.get_spec(case.impl)
     params = dict(case.params)
     merge = case.mode == "forward" and spec.has("reparameterize")
 
     def build() -> torch.nn.Module:
         module = spec.build(dim=case.dim, heads=case.heads, **params)
-        return (module.reparameterize() or module) if merge else module
+        module = (module.reparameterize() or module) if merge else module
+        set_layout(module, device_type)  # FlexAttention forms: the token layout of the cell's device, counted too
+        return module
 
     return build
 
 
 
 def check_supports(case: Case, build: Callable[[], torch.nn.Module]) -> None:
-    """Raise :class:`Unsupported` with the implementation's reason when it cannot take the cell's grid."""
+    """Raise :class:`Unsupported` with the implementation's reason when it cannot take the cell's grid,
+    or its device (``supports_device``: FlexAttention on CUDA needs head dimensions of 16 or more)."""
     if case.model:
         return  # the suite built the model at this size on meta: every block took its grid
-    if registry.get_spec(case.impl).has("supports"):
-        reason = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype]).supports(case.grid_h, case.grid_w)
+    spec = registry.get_spec(case.impl)
+    if spec.has("supports") or spec.has("supports_device"):
+        meta = flops_mod.build_meta(build, TORCH_DTYPES[case.dtype])
+        reason = meta.supports(case.grid_h, case.grid_w) if spec.has("supports") else None
+        if not reason and spec.has("supports_device"):
+            reason = meta.supports_device(torch.device(case.device).type)
         if reason:
             raise Unsupported(reason)
 
@@ -125,17 +139,22 @@ def random_input(case: Case, batch: int, seed: int) -> torch.Tensor:
 
 
 
-def find_max_batch(case: Case, module: torch.nn.Module, settings: CellSettings) -> tuple[int, list[dict[str, Any]]]:
+def find_max_batch(case: Case, module: torch.nn.Module, settings: CellSettings
+                   ) -> tuple[int, list[dict[str, Any]], float]:
     """Largest batch <= ``case.batch`` whose call fits, halving on out-of-memory (CPU: the memory
     budget, estimated from one image, since an oversized CPU call swaps instead of failing).
-    Returns the batch and the tries."""
+    Returns the batch, the tries and the seconds of the first call at that batch (a compiled module's
+    compilation of that shape: the cell's ``compile_s``)."""
     device = torch.device(case.device)
     limit = settings.budget.memory_fraction * memory.available_memory_bytes(device)
     batch, tries = case.batch, []
-    if device.type == "cpu":
-        x = random_input(case, 1, settings.seed)
-        per_image, _ = memory.peak_memory_bytes(make_call(module, x, case.mode), device)
-        del x
+    first_call_s: dict[int, float] = {}  # batch -> its first call's seconds
+    if device.type == "cpu" and batch > 1:
+        x, peak = random_input(case, 1, settings.seed), []
+        call = make_call(module, x, case.mode)
+        first_call_s[1] = timing.wall_s(lambda: peak.append(memory.peak_memory_bytes(call, device)[0]), device)
+        per_image = peak[0]
+        del x, call
         while batch > 1 and per_image == per_image and per_image * batch > limit:
             tries.append({"batch": batch, "fits": False, "why": "estimated memory over budget"})
             batch //= 2
@@ -143,9 +162,9 @@ def find_max_batch(case: Case, module: torch.nn.Module, settings: CellSettings) 
         x = None
         try:
             x = random_input(case, batch, settings.seed)
-            make_call(module, x, case.mode)()
+            seconds = timing.wall_s(make_call(module, x, case.mode), device)
             tries.append({"batch": batch, "fits": True})
-            return batch, tries
+            return batch, tries, first_call_s.get(batch, seconds)
         except Exception as exc:
             if not is_oom(exc) or batch == 1:
                 raise

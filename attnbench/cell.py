@@ -31,7 +31,8 @@ from typing import Any, Callable
 import torch
 
 from . import budget, registry
-from .device import TORCH_DTYPES, apply_globals, empty_cache, is_backend_refusal, is_oom, sdpa_context
+from .device import (TORCH_DTYPES, apply_globals, dtype_problem, empty_cache, is_backend_refusal, is_oom, sdpa_context,
+                     tf32_enabled)
 from .job import CellSettings, Job
 from .build import (Unsupported, check_compiled, check_kernel_path, check_output, check_supports, compile_module, count,
                     find_max_batch, input_shape, module_builder, random_input)
@@ -107,24 +108,24 @@ def check_prediction(case: Case, row: dict[str, Any], prior: budget.Prior, setti
 # ------------------------------------------------------------------------------------------ timing
 
 
-def _wall(fn: Callable[[], None], device: torch.device) -> float:
-    timing.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    timing.synchronize(device)
-    return time.perf_counter() - t0
+_wall = timing.wall_s
 
 
 def measure_latency(call: Callable[[], None], case: Case, settings: CellSettings, ctx: CellContext,
                     row: dict[str, Any], clear_grads: Callable[[], None],
-                    after_first: Callable[[], None] = lambda: None) -> Latency:
+                    after_first: Callable[[], None] = lambda: None, compiled_s: float | None = None) -> Latency:
     """First call (then ``after_first``, which may raise), warm-up, peak memory of one call, timed calls;
-    the non-latency columns go to ``row``."""
+    the non-latency columns go to ``row``. ``compiled_s``: the compiled module's first call of this shape
+    was made already (by the largest-batch search) and took this long, the compilation; it is compile_s."""
     device, tm, budget_s = ctx.device, settings.timing, settings.budget.cell_time_s
-    # 1. the first call, alone (with compile: the compilation); too slow already -> over budget
+    # 1. the first call, alone (with compile: the compilation, unless the batch search made it); too slow
+    # already -> over budget
     first_s = _wall(call, device)
     after_first()
-    if settings.compile:
+    if settings.compile and compiled_s is not None:
+        row["compile_s"] = compiled_s
+        check_compiled()
+    elif settings.compile:
         row["compile_s"] = first_s
         check_compiled()
         first_s = _wall(call, device)
@@ -241,13 +242,16 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
     row = base_row(case)
     cuda = device.type == "cuda"
     row.update(sdpa_backend=settings.sdpa_backend, compiled=settings.compile,
-               tf32=torch.backends.cuda.matmul.allow_tf32 if cuda else None,
-               tf32_cudnn=torch.backends.cudnn.allow_tf32 if cuda else None)
+               tf32=tf32_enabled("matmul") if cuda else None, tf32_cudnn=tf32_enabled("cudnn") if cuda else None)
     before = ctx.snapshot()
     ctx.load_summary = None
     module = x = call = t_measure = None
     readings: list[float] = []  # the sentinel's TFLOP/s before and after the timed calls
+    compiled_s = None  # with the largest-batch search: its first call of the found shape (the compilation)
     try:
+        problem = dtype_problem(case.dtype, device)  # a pool's worker probes its own GPU (the driver did not)
+        if problem:
+            raise Unsupported(problem)
         build = module_builder(case)
         check_supports(case, build)
         check_output(case, build)
@@ -257,7 +261,8 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
             module = compile_module(module)
         if settings.find_max_batch:  # in the context the cell is measured in: the pinned backend, compiled
             with sdpa_context(settings.sdpa_backend):
-                batch, tries = find_max_batch(case, module, settings)
+                batch, tries, first_call_s = find_max_batch(case, module, settings)
+            compiled_s = first_call_s if settings.compile else None
             row.update(batch=batch, batch_requested=case.batch, batch_search=tries)
             case = dataclasses.replace(case, batch=batch)
         row.update(count(case, build))
@@ -281,7 +286,7 @@ def measure_cell(job: Job, ctx: CellContext | None = None) -> dict[str, Any]:
         t_measure = time.perf_counter()
         with sdpa_context(settings.sdpa_backend):
             latency = measure_latency(call, case, settings, ctx, row, clear_grads,
-                                      after_first=lambda: check_kernel_path(module))
+                                      after_first=lambda: check_kernel_path(module), compiled_s=compiled_s)
         row["measure_s"] = time.perf_counter() - t_measure
         if ctx.sentinel_start:
             readings.append(ctx.sentinel())

@@ -69,6 +69,49 @@ def dtype_problem(name: str, device: torch.device) -> str | None:
     return _dtype_problems[key]
 
 
+def _legacy_tf32(which: str):
+    """The object holding the legacy ``allow_tf32`` flag of ``which`` ("matmul": cuBLAS, "cudnn")."""
+    return torch.backends.cuda.matmul if which == "matmul" else torch.backends.cudnn
+
+
+def _precision_chain(which: str) -> list[Any]:
+    """Where torch's new API keeps the fp32 precision of ``which``, the most specific first (a level set
+    to "none" inherits from the next); cuDNN: its convolutions', then cuDNN's, then torch's."""
+    if which == "matmul":
+        return [torch.backends.cuda.matmul, torch.backends]
+    cudnn = torch.backends.cudnn
+    return [getattr(cudnn, "conv", None), cudnn, torch.backends]
+
+
+def tf32_enabled(which: str) -> bool:
+    """TF32 for "matmul" (cuBLAS) or "cudnn" (convolutions). The legacy ``allow_tf32`` flag; where torch
+    refuses to read it (torch >= 2.9 after the new ``fp32_precision`` API was used: "mix of the legacy and
+    new APIs"), the new API's precision, "tf32" meaning on."""
+    try:
+        return bool(_legacy_tf32(which).allow_tf32)
+    except RuntimeError:
+        for level in _precision_chain(which):
+            precision = getattr(level, "fp32_precision", "none")
+            if precision != "none":
+                return precision == "tf32"
+        return False
+
+
+def set_tf32(which: str, enabled: bool) -> None:
+    """Turn TF32 on or off for "matmul" or "cudnn" (convolutions and RNNs): the legacy flag, or, where torch
+    refuses it, the new ``fp32_precision`` API ("tf32" or "ieee")."""
+    try:
+        _legacy_tf32(which).allow_tf32 = enabled
+    except RuntimeError:
+        cudnn = torch.backends.cudnn
+        levels = [torch.backends.cuda.matmul] if which == "matmul" else [getattr(cudnn, "conv", None),
+                                                                       getattr(cudnn, "rnn", None)]
+        if not all(hasattr(level, "fp32_precision") for level in levels):
+            raise
+        for level in levels:
+            level.fp32_precision = "tf32" if enabled else "ieee"
+
+
 def apply_globals(threads: int | None, tf32: bool | None, device: torch.device) -> dict[str, Any]:
     """Set torch's process-wide state for a run: CPU threads (fixed for the run) and, on CUDA, the
     current device (``cuda:N``) and TF32 for both matmuls and cuDNN convolutions.
@@ -79,24 +122,24 @@ def apply_globals(threads: int | None, tf32: bool | None, device: torch.device) 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device.index)  # events, streams, graphs and caches of the run go to this GPU
     if tf32 is not None and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+        set_tf32("matmul", tf32)
+        set_tf32("cudnn", tf32)
     cuda = device.type == "cuda"
     return {"cpu_threads": torch.get_num_threads(),
-            "tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
-            "tf32_cudnn": torch.backends.cudnn.allow_tf32 if cuda else None}
+            "tf32": tf32_enabled("matmul") if cuda else None,
+            "tf32_cudnn": tf32_enabled("cudnn") if cuda else None}
 
 
 def saved_globals() -> tuple[int, bool, bool]:
     """torch's process-wide state that :func:`apply_globals` changes, to put back after a run."""
-    return torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    return torch.get_num_threads(), tf32_enabled("matmul"), tf32_enabled("cudnn")
 
 
 def restore_globals(saved: tuple[int, bool, bool]) -> None:
     threads, tf32_matmul, tf32_cudnn = saved
     torch.set_num_threads(threads)
-    torch.backends.cuda.matmul.allow_tf32 = tf32_matmul
-    torch.backends.cudnn.allow_tf32 = tf32_cudnn
+    set_tf32("matmul", tf32_matmul)
+    set_tf32("cudnn", tf32_cudnn)
 
 
 def sdpa_context(name: str):
@@ -108,12 +151,15 @@ def sdpa_context(name: str):
     return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
 
 
+OOM_TEXTS = ("out of memory", "can't allocate memory",
+             "ALLOC_FAILED")  # CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED: a library's workspace
+
+
 def is_oom(exc: BaseException) -> bool:
-    """An out-of-memory failure, on any device."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    """An out-of-memory failure, on any device (a CUDA library that could not allocate its workspace too)."""
+    if isinstance(exc, (torch.OutOfMemoryError, torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    return isinstance(exc, RuntimeError) and any(t in str(exc) for t in OOM_TEXTS)
 
 
 def is_backend_refusal(exc: BaseException) -> bool:

@@ -11,6 +11,8 @@ into :attr:`ImplSpec.optional`:
 - ``flops_analytic(batch, height, width) -> int``: forward FLOPs of the matmul-type operations
   (linear, conv, the two attention matmuls), 2 FLOPs per multiply-accumulate.
 - ``supports(height, width) -> str | None``: a reason when the token grid cannot be taken.
+- ``supports_device(device_type) -> str | None``: a reason when the device (``cuda``, ``cpu``) cannot run
+  the module at its size (FlexAttention on CUDA: head dimensions of 16 or more).
 - ``reparameterize() -> nn.Module | None``: the merged inference form (a new module, or None after
   merging in place); measured in ``forward`` mode, the training form in ``train`` mode.
 - ``output_size(height, width) -> (H', W')``: the output grid, when it differs from the input's.
@@ -52,12 +54,14 @@ class OptionalMethods(Protocol):
 
     def supports(self, height: int, width: int) -> str | None: ...
 
+    def supports_device(self, device_type: str) -> str | None: ...
+
     def reparameterize(self) -> Any: ...
 
     def output_size(self, height: int, width: int) -> tuple[int, int]: ...
 
 
-OPTIONAL_METHODS = ("flops_analytic", "supports", "reparameterize", "output_size")
+OPTIONAL_METHODS = ("flops_analytic", "supports", "supports_device", "reparameterize", "output_size")
 
 
 @dataclass(frozen=True)

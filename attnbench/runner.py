@@ -60,14 +60,18 @@ def _select(cases: list[Case], only: str | None) -> list[Case]:
     return [c for c in cases if any(fnmatch.fnmatch(c.impl, p) or fnmatch.fnmatch(c.label, p) for p in patterns)]
 
 
-def prepare(suite: Suite | str | Path, device: str | None = None, only: str | None = None
-            ) -> tuple[Suite, torch.device, list[Case]]:
-    """Validate everything a run needs; return the suite, the device and the selected cells."""
+def prepare(suite: Suite | str | Path, device: str | None = None, only: str | None = None,
+            probe_dtypes: bool = True) -> tuple[Suite, torch.device, list[Case]]:
+    """Validate everything a run needs; return the suite, the device and the selected cells.
+
+    ``probe_dtypes``: run a tiny matmul per dtype on the device here (a DeviceError when none runs);
+    off for a pool executor's driver, whose workers probe their own GPUs (an unsupported dtype is then
+    each cell's ``unsupported`` row) and which then creates no CUDA context for it."""
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
     dev = resolve_device(device or suite.model.device)
     dtypes = resolve_dtypes(suite.model.dtype, dev)
-    problems = [dtype_problem(d, dev) for d in dtypes]
+    problems = [dtype_problem(d, dev) for d in dtypes] if probe_dtypes else [None]
     if all(problems):
         raise DeviceError("; ".join(problems))  # nothing could run: bad input, not a skip
     cases = _select(suite.cases(str(dev), dtypes), only)
@@ -187,9 +191,11 @@ def run_suite(suite: Suite | str | Path, out: str | Path | None = None, device: 
     ``ray_address`` is the Ray cluster to join (None: a local one).
     """
     t_run = time.perf_counter()
-    suite, dev, cases = prepare(suite, device, only)
+    if not isinstance(suite, Suite):
+        suite = load_suite(suite)
+    executor = executor or getattr(suite.model, "executor", None) or "inprocess"
+    suite, dev, cases = prepare(suite, device, only, probe_dtypes=executor == "inprocess")
     model = suite.model if isolation is None else suite.model.model_copy(update={"isolation": isolation})
-    executor = executor or getattr(model, "executor", None) or "inprocess"
     if executor not in EXECUTORS:
         raise ExecutorError(f"unknown executor {executor!r} (known: {', '.join(EXECUTORS)})")
     if executor != "inprocess" and dev.index is not None:
@@ -217,12 +223,16 @@ def _run(suite, dev, cases, model, pool, executor, out, device, resume, only, pr
     env.update(suite_name=suite.name, suite_path=str(suite.path) if suite.path else None, session=folder.session,
                only=only, device_requested=device or suite.model.device, isolation=model.isolation,
                executor=executor, ray_address=ray_address)
-    runnable = [d for d in dict.fromkeys(c.dtype for c in cases) if not dtype_problem(d, dev)]
     t_peaks = time.perf_counter()
     # the workers of another executor measure their own GPU's peaks and sentinel (env["workers"])
-    env["peaks"] = peaks_mod.measure_peaks(dev, runnable) if model.measure_peaks and pool is None else None
+    env["peaks"] = None
+    if model.measure_peaks and pool is None:
+        env["peaks"] = peaks_mod.measure_peaks(dev, [d for d in dict.fromkeys(c.dtype for c in cases)
+                                                     if not dtype_problem(d, dev)])
     peaks_s = time.perf_counter() - t_peaks
-    quiet = dataclasses.replace(settings, timing=settings.timing.model_copy(update={"sentinel": False}))
+    # a pool's driver measures nothing: no sentinel, no L2 flush buffer (256 MiB or more on its GPU)
+    quiet = dataclasses.replace(settings, timing=settings.timing.model_copy(update={"sentinel": False,
+                                                                                     "l2_flush": False}))
     ctx = CellContext.create(settings if pool is None else quiet, dev, env["peaks"])  # workers keep their own
     env["sentinel_tflops_start"] = ctx.sentinel_start
     here = rundir.worker_entry(env, "driver")
@@ -272,7 +282,7 @@ def _run(suite, dev, cases, model, pool, executor, out, device, resume, only, pr
         if case.cell_id in folder.done:
             reused += 1
             return folder.done[case.cell_id]
-        if dtype_problem(case.dtype, dev):
+        if pool is None and dtype_problem(case.dtype, dev):  # a pool's workers probe their own GPU
             skipped += 1
             return skipped_row(case, Status.UNSUPPORTED, dtype_problem(case.dtype, dev))
         if case.series in series.blocked:

@@ -153,7 +153,10 @@ def test_show_and_report_tables_do_not_import_matplotlib():
 # --- the implementation contract ------------------------------------------------------------------------
 
 def test_optional_methods_are_resolved_at_registration():
-    assert registry.OPTIONAL_METHODS == ("flops_analytic", "supports", "reparameterize", "output_size")
+    assert registry.OPTIONAL_METHODS == ("flops_analytic", "supports", "supports_device", "reparameterize",
+                                         "output_size")
+    assert attnbench.get_spec("swin.window_flex").has("supports_device")
+    assert not attnbench.get_spec("swin.window").has("supports_device")
     assert attnbench.get_spec("local.slide").has("reparameterize")
     assert not attnbench.get_spec("local.shift_dwconv").has("reparameterize")
     assert attnbench.get_spec("mvit.pool").has("output_size")

@@ -38,17 +38,22 @@ def _cases():
 CASES = list(_cases())
 
 
-def _pair(name, ref, params, seed=5):
+LAYOUTS = ["cpu", "cuda"]  # the CUDA layout (power-of-two slots, 128-token blocks) runs on a CPU too
+
+
+def _pair(name, ref, params, seed=5, layout="cpu"):
     a = randomize_(attnbench.create(ref, dim=24, heads=2, **params), seed=seed).eval()
     b = attnbench.create(name, dim=24, heads=2, **params).eval()
     b.load_state_dict(a.state_dict(), strict=True)
+    b.flex_layout = layout
     return b, a
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name,ref,params,h,w", CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}x{c[4]}" for c in CASES])
-def test_same_function_as_the_naive_form(name, ref, params, h, w):
+def test_same_function_as_the_naive_form(name, ref, params, h, w, layout):
     """Random grids, divisible by the window or not, smaller than a block or spanning several."""
-    flex, naive = _pair(name, ref, params)
+    flex, naive = _pair(name, ref, params, layout=layout)
     x = torch.randn(2, h, w, 24, generator=torch.Generator().manual_seed(h * 97 + w))
     assert_same_function(flex, naive, x)
 
@@ -63,8 +68,8 @@ def test_a_wrong_bias_index_is_caught():
     flex, naive = _pair("swin.window_flex", "swin.window", {"window": 4})
     rules = flex._rules
 
-    def transposed(hp, wp):
-        mask_fn, rel, region = rules(hp, wp)
+    def transposed(hp, wp, slot=None):
+        mask_fn, rel, region = rules(hp, wp, slot)
         return mask_fn, (lambda q, k: rel(k, q)), region
 
     flex._rules = transposed
@@ -72,12 +77,14 @@ def test_a_wrong_bias_index_is_caught():
         assert_same_function(flex, naive, torch.randn(1, 8, 8, 24))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", list(FORMS))
-def test_block_mask_counts(name):
+def test_block_mask_counts(name, layout):
     """The mask allows exactly the design's pairs; the blocks computed cover them; both FLOP conventions."""
     ref, variants = FORMS[name]
     params = variants[1]
     m = attnbench.create(name, dim=24, heads=2, **params)
+    m.flex_layout = layout
     naive = attnbench.create(ref, dim=24, heads=2, **params)
     h, w = 23, 17
     if name.startswith("swin"):
@@ -96,10 +103,16 @@ def test_block_mask_counts(name):
     assert m.flops_analytic(3, h, w) - m.flops_useful(3, h, w) == 4 * 3 * 24 * (plan.computed_pairs - useful_pairs)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", list(FORMS))
-def test_torch_counter_counts_the_computed_blocks_and_fvcore_says_why_not(name):
+def test_torch_counter_counts_the_computed_blocks_and_fvcore_says_why_not(name, layout):
     params = FORMS[name][1][0]
-    build = lambda: attnbench.create(name, dim=24, heads=2, **params)  # noqa: E731
+
+    def build():
+        m = attnbench.create(name, dim=24, heads=2, **params)
+        _flex.set_layout(m, layout)
+        return m
+
     counted = F.count_flops(build, (2, 15, 12, 24), torch.float32, train=True)
     analytic = build().flops_analytic(2, 15, 12)
     assert counted["flops_torch"] == analytic and counted["count_message"] == ""
@@ -131,17 +144,19 @@ def test_block_plan_against_dense_evaluation():
         assert listed == {j for j, a in enumerate(tile_any) if a}
 
 
-COMPILED = [pytest.param("local.flex", id="local.flex")] + [
-    pytest.param(n, id=n, marks=pytest.mark.slow) for n in ("swin.shift_flex", "local.neighborhood_flex",
-                                                            "swin.window_flex")]
+COMPILED = [pytest.param("local.flex", "cpu", id="local.flex"),
+            pytest.param("swin.shift_flex", "cuda", id="swin.shift_flex-cuda-layout")] + [
+    pytest.param(n, layout, id=f"{n}-{layout}-layout", marks=pytest.mark.slow)
+    for n in ("swin.shift_flex", "local.neighborhood_flex", "swin.window_flex", "local.flex")
+    for layout in LAYOUTS if (n, layout) not in (("local.flex", "cpu"), ("swin.shift_flex", "cuda"))]
 
 
-@pytest.mark.parametrize("name", COMPILED)
-def test_compiled_float32(name):
+@pytest.mark.parametrize("name,layout", COMPILED)
+def test_compiled_float32(name, layout):
     """The compiled kernel (one compile) agrees with the float64 naive form to float32 accuracy, and a
     second call of the same shape does not compile again."""
     ref, variants = FORMS[name]
-    flex, naive = _pair(name, ref, variants[0])
+    flex, naive = _pair(name, ref, variants[0], layout=layout)
     x = torch.randn(2, 13, 10, 24, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = flex(x)
@@ -155,14 +170,15 @@ def test_compiled_float32(name):
     assert (y.double() - y64).abs().max() <= 2e-5 * y64.abs().max()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", list(FORMS))
-def test_autograd_on_cpu_runs_the_explicit_blocks(name):
+def test_autograd_on_cpu_runs_the_explicit_blocks(name, layout):
     """flex_attention has no backward on CPU: with grad the same blocks run as torch ops (with a warning
     naming why); outputs and parameter gradients equal the naive form's in float64."""
     from equivalence import assert_close64
 
     ref, variants = FORMS[name]
-    flex, naive = (m.double() for m in _pair(name, ref, variants[1]))
+    flex, naive = (m.double() for m in _pair(name, ref, variants[1], layout=layout))
     x = torch.randn(2, 11, 13, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with pytest.warns(UserWarning, match="no backward on CPU"):
         y = flex(x)
@@ -232,3 +248,80 @@ def test_neighborhood_flex_tile_layout(h, w, k, dil):
     if (h, w, k, dil) == (56, 56, 7, 1) and m.tile == 4:
         plan = m._plan(h, w)  # interior tiles 3 x 3 key blocks, clamped border tiles fewer
         assert max(keys for *_, keys in plan.spans) == 9 * 16 and plan.computed_pairs < h * w * 9 * 16
+
+
+CAPABILITIES = [(8, 0), (9, 0), (10, 0), (12, 0)]  # A100, H100, B200, RTX 50
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+def test_cuda_layout_blocks_fit_every_default_cuda_kernel_config(name, monkeypatch):
+    """On CUDA inductor tiles each sparse block by its default (BLOCK_M, BLOCK_N) and refuses a block they do
+    not divide (forward: an error; backward: no config left). Asked for its default configs as on four GPU
+    generations (the capability faked), for every dtype and head size, torch's own heuristics divide the
+    CUDA layout's blocks, forward and backward; the CPU layout's Swin block (49) they do not, which is
+    what the CUDA layout is for."""
+    heuristics = pytest.importorskip("torch._inductor.template_heuristics.triton")
+    cfg = heuristics.CUDAConfigHeuristic()
+    import inspect  # the private signature moves between releases: (head_dim, dtype) in 2.11, seq_len added since
+
+    def configs(kind, head_dim, dtype):
+        fn = getattr(cfg, f"get_flex_attn_{kind}_configs")
+        extra = {"seq_len": 3136} if "seq_len" in inspect.signature(fn).parameters else {}
+        return fn(head_dim, dtype=dtype, **extra)
+
+    params = FORMS[name][1][0]
+    m = attnbench.create(name, dim=96, heads=3, **params)
+    m.flex_layout = "cuda"
+    sizes = {m._plan(56, 56).block_mask.BLOCK_SIZE, m._plan(13, 9).block_mask.BLOCK_SIZE}
+    for cap in CAPABILITIES:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, cap=cap: cap)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for head_dim in (16, 32, 64, 128):
+                for q_block, kv_block in sizes:
+                    for c in configs("fwd", head_dim, dtype):
+                        assert q_block % c.block_m == 0 and kv_block % c.block_n == 0, (cap, dtype, head_dim, c)
+                    for c in configs("bwd", head_dim, dtype):
+                        assert q_block % c.block_m1 == 0 and kv_block % c.block_n1 == 0, (cap, dtype, head_dim, c)
+                        assert q_block % c.block_m2 == 0 and kv_block % c.block_n2 == 0, (cap, dtype, head_dim, c)
+    if name.startswith("swin"):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        m.flex_layout = "cpu"
+        q_block, _ = m._plan(56, 56).block_mask.BLOCK_SIZE
+        assert q_block == 49 and any(q_block % c.block_m for c in configs("fwd", 32, torch.float32))
+
+
+def test_flex_forms_say_what_cuda_cannot_take():
+    """A head dimension under 16 (torch's CUDA lowering refuses it) and, for local.flex, a tile that is not a
+    power of two are refused for CUDA with the reason, before anything runs; the CPU takes both."""
+    m = attnbench.create("swin.window_flex", dim=24, heads=2)
+    assert "at least 16" in m.supports_device("cuda") and m.supports_device("cpu") is None
+    assert attnbench.create("swin.window_flex", dim=32, heads=2).supports_device("cuda") is None
+    t6 = attnbench.create("local.flex", dim=64, heads=2, tile=6)
+    assert "power-of-two tile" in t6.supports_device("cuda") and t6.supports_device("cpu") is None
+    t6.flex_layout = "cuda"
+    with pytest.raises(ValueError, match="power-of-two tile"):
+        t6._plan(16, 16)
+
+
+def test_a_cuda_cell_counts_and_refuses_in_the_cuda_layout():
+    """The cell's builder gives flex forms its device's layout before anything is counted (FLOPs on meta are
+    the CUDA kernel's blocks for a CUDA cell), and a head dimension CUDA's flex cannot take is unsupported
+    there, with the reason, before a module is built on the device."""
+    import dataclasses
+
+    from attnbench import build
+    from attnbench.runner import prepare
+    from conftest import make_suite
+
+    _suite, _dev, cases = prepare(make_suite(["swin.window_flex"], resolution=(64,), dim=32, heads=2))
+    cpu_case = cases[0]
+    cuda_case = dataclasses.replace(cpu_case, device="cuda")
+    cpu_mod, cuda_mod = build.module_builder(cpu_case)(), build.module_builder(cuda_case)()
+    assert (cpu_mod.flex_layout, cuda_mod.flex_layout) == ("cpu", "cuda")
+    h, w = cpu_case.grid_h, cpu_case.grid_w
+    assert cuda_mod.flops_analytic(2, h, w) > cpu_mod.flops_analytic(2, h, w) == cpu_mod.flops_useful(2, h, w)
+    build.check_supports(cuda_case, build.module_builder(cuda_case))  # head dim 16: fine
+    small = dataclasses.replace(cuda_case, heads=4)  # head dim 8
+    with pytest.raises(build.Unsupported, match="at least 16"):
+        build.check_supports(small, build.module_builder(small))
+    build.check_supports(dataclasses.replace(small, device="cpu"), build.module_builder(small))

@@ -149,7 +149,7 @@ def fake_graph_cuda(monkeypatch, fake_cuda):
             log.append("replay")
 
     class Graph:  # torch.cuda.graph: begin on entry, end on exit (also after an error inside)
-        def __init__(self, graph):
+        def __init__(self, graph, stream=None):
             self.graph = graph
 
         def __enter__(self):
@@ -162,6 +162,7 @@ def fake_graph_cuda(monkeypatch, fake_cuda):
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", CUDAGraph)
     monkeypatch.setattr(torch.cuda, "graph", Graph)
     return log, state
@@ -347,6 +348,9 @@ def cuda_cell(monkeypatch, fake_graph_cuda):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 4096)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    from attnbench import device as device_mod
+
+    monkeypatch.setitem(device_mod._dtype_problems, ("float32", "cuda"), None)  # the cell's dtype probe: runs
 
     real_builder, real_input, real_make_call, real_steady = (cell.module_builder, cell.random_input, cell.make_call,
                                                              cell.steady_state)

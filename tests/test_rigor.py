@@ -449,6 +449,22 @@ def backward_per_row(impls, monkeypatch, tmp_path, **kw):
     return seen
 
 
+def calls_of_cell(row) -> int:
+    """The measured calls a cell made: the first and the warm-up calls (``warmup_calls``), the peak-memory
+    call, the timed calls and, on CUDA, the steady-state blocks (``STEADY_BLOCKS`` x ``steady_calls``)."""
+    return row["warmup_calls"] + 1 + row["latency_n"] + timing.STEADY_BLOCKS * row.get("steady_calls", 0)
+
+
+def test_calls_of_cell_counts_the_steady_blocks():
+    """The steady phase (CUDA only in a cell) run on the CPU: its calls are what calls_of_cell adds."""
+    from attnbench import cell
+
+    calls = []
+    cols = cell.steady_state(lambda: calls.append(1), torch.device("cpu"), [1.0] * 5, 1e-3, 0.05)
+    assert cols["steady_calls"] == 10 and len(calls) == 50
+    assert calls_of_cell({"warmup_calls": 2, "latency_n": 5, **cols}) - (2 + 1 + 5) == len(calls)
+
+
 @pytest.mark.gpu
 def test_gpu_train_mode_runs_backward_and_holds_more_memory(tmp_path, monkeypatch):
     rows = backward_per_row(["mha.math", "mha.sdpa"], monkeypatch, tmp_path, device="cuda", resolution=(128,))
@@ -456,7 +472,7 @@ def test_gpu_train_mode_runs_backward_and_holds_more_memory(tmp_path, monkeypatc
     for impl in ("mha.math", "mha.sdpa"):
         (fwd, n_fwd), (train, n_train) = by[(impl, "forward")], by[(impl, "train")]
         assert fwd["status"] == train["status"] == "ok"
-        assert n_fwd == 0 and n_train == train["warmup_calls"] + 1 + train["latency_n"]
+        assert n_fwd == 0 and n_train == calls_of_cell(train)  # steady-state blocks included (CUDA)
         assert train["peak_mem_bytes"] > fwd["peak_mem_bytes"]  # the allocator's peak: exact, not timing
 
 
@@ -467,7 +483,7 @@ def test_train_mode_measures_forward_and_backward(tmp_path, monkeypatch):
     (fwd, n_fwd), (train, n_train) = rows
     assert (fwd["mode"], train["mode"]) == ("forward", "train")
     assert fwd["status"] == train["status"] == "ok"
-    assert n_fwd == 0 and n_train == train["warmup_calls"] + 1 + train["latency_n"]
+    assert n_fwd == 0 and n_train == calls_of_cell(train) == train["warmup_calls"] + 1 + train["latency_n"]
     assert "flops_torch_fwd_bwd" not in fwd or fwd["flops_torch_fwd_bwd"] is None
     assert train["flops_torch_fwd_bwd"] > train["flops_torch"] == fwd["flops_torch"]
     # achieved TFLOP/s in train mode are taken over the forward + backward count

@@ -10,6 +10,14 @@ Token order: every form puts its tokens in an order where the allowed pairs are 
 block-diagonal and passes a matching block size: local.flex and local.neighborhood_flex tile-major
 (t x t tiles, block t^2), swin.window_flex and swin.shift_flex window-major (block M^2, one window
 per block). A row-major order with 128-token blocks would make each query block touch ~5 key blocks.
+That is the ``cpu`` layout. The CUDA kernels take only blocks their tiles divide (:data:`CUDA_BLOCK`),
+so the ``cuda`` layout (``FlexPlans.flex_layout``, taken by every call on a CUDA tensor and set by the
+harness for a CUDA cell) pads each window to a power-of-two slot (49 -> 64 tokens, the padding masked
+as keys) and each form uses 128-token blocks: two Swin windows, two 8 x 8 neighbourhood tiles, or
+128 / t^2 local tiles a block. It computes more pairs than it needs (Swin M = 7: 3.4x the unmasked
+pairs instead of 1x at 56 x 56; neighbourhood k = 7: 10.3x instead of 2.8x), and ``flops_analytic``
+counts them. Both layouts are proven equal to the naive
+forms on this CPU; only the ``cpu`` one has been timed (no GPU has run these forms yet).
 
 Block mask (:class:`FlexPlan`, built once per module, token grid and device): the rule is evaluated
 over Q-block rows of ``block`` queries (``BLOCK`` = 128 when none is passed), so memory is one block
@@ -51,6 +59,14 @@ from typing import Callable
 import torch
 
 BLOCK = 128  # flex's default sparse block size, the CPU kernel's
+# On CUDA, inductor's flex kernels tile each sparse block by (BLOCK_M, BLOCK_N) taken from their default
+# configs, and refuse a sparse block those tiles do not divide ("Q and KV block size must be divisible by
+# BLOCK_M and BLOCK_N"; the backward silently has no config left). In torch 2.11 to 2.14 every default tile,
+# forward and backward, any GPU, dtype and head size, is a power of two from 16 to 128, so a sparse block
+# of 128 (or a multiple) is the one size all of them divide; the CPU kernel takes any size.
+CUDA_BLOCK = 128
+CUDA_MIN_HEAD_DIM = 16  # the CUDA lowering: "NYI: embedding dimension ... must be at least 16"
+LAYOUTS = ("cpu", "cuda")
 COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 RECOMPILE_LIMIT = 64  # shapes x modules per process before dynamo must fail (never fall back silently)
 FVCORE_REASON = ("flex_attention is a higher-order op that torch.jit.trace (fvcore) cannot record, so fvcore "
@@ -206,9 +222,40 @@ def run_flex(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Fl
     return out
 
 
+def cuda_slot(group: int) -> int:
+    """Positions a group of ``group`` tokens (a window, a tile) takes in the CUDA layout: the next power of
+    two >= max(group, 16), so that groups never straddle a 128-token block (49 -> 64, 16 -> 16)."""
+    return 1 << (max(group, 16) - 1).bit_length()
+
+
+def layout_block(layout: str, group: int) -> tuple[int, int]:
+    """(slot, block) of a layout whose groups have ``group`` tokens: ``cpu``, one group per block, no
+    padding (block = group); ``cuda``, groups padded to :func:`cuda_slot` and blocks of max(128, slot)."""
+    if layout == "cuda":
+        slot = cuda_slot(group)
+        return slot, max(CUDA_BLOCK, slot)
+    return group, group
+
+
+def set_layout(module: torch.nn.Module, device_type: str) -> None:
+    """Give every flex form in ``module`` the token layout of ``device_type`` (``cuda``, else ``cpu``), so
+    that counts made on the meta device (FLOPs, computed pairs) are those of the kernel that will run."""
+    for sub in module.modules():
+        if isinstance(sub, FlexPlans):
+            sub.flex_layout = "cuda" if device_type == "cuda" else "cpu"
+
+
 class FlexPlans:
     """Mixin: ``self._flex_plan(key, mask_fn, q_len, kv_len, device)`` cached per key and device, and
-    ``flex_compile_s``; ``flops_analytic`` of a flex form uses ``_flex_plan(..., 'cpu')`` counts."""
+    ``flex_compile_s``; ``flops_analytic`` of a flex form uses ``_flex_plan(..., 'cpu')`` counts.
+
+    ``flex_layout``: ``cpu`` (one window or tile per sparse block, no padding) or ``cuda`` (groups padded to
+    powers of two in blocks of :data:`CUDA_BLOCK`, what the CUDA kernels accept). A call on a CUDA tensor
+    always takes (and sets) ``cuda``; elsewhere the attribute decides, so the CUDA layout can be run and
+    proven equal on a CPU. :func:`set_layout` sets it for a cell's device before anything is counted.
+    """
+
+    flex_layout = "cpu"
 
     fvcore_unavailable = FVCORE_REASON
     memory_unpredictable = ("a FlexAttention form's working memory is its fused kernel's, which the meta-device "
@@ -218,6 +265,24 @@ class FlexPlans:
         self._flex_plans: dict = {}
         self.flex_compile_s: dict = {}
         self.flex_path = ""  # the path the last call took: "compiled flex_attention" or why not
+
+    def _layout(self, device=None) -> str:
+        """The layout a call on ``device`` uses (None or meta: the module's ``flex_layout``)."""
+        if torch.jit.is_tracing():  # before any work: grid sizes are tensors under tracing, and fvcore cannot count
+            raise FlexTraceError(FVCORE_REASON)
+        if device is not None and torch.device(device).type == "cuda":
+            self.flex_layout = "cuda"
+        if self.flex_layout not in LAYOUTS:
+            raise ValueError(f"flex_layout must be one of {LAYOUTS}, got {self.flex_layout!r}")
+        return self.flex_layout
+
+    def supports_device(self, device_type: str) -> str | None:
+        """Why this form cannot run on ``device_type`` (None: it can)."""
+        head_dim = getattr(self, "head_dim", None)
+        if device_type == "cuda" and head_dim is not None and head_dim < CUDA_MIN_HEAD_DIM:
+            return (f"FlexAttention on CUDA needs a head dimension of at least {CUDA_MIN_HEAD_DIM} (torch's "
+                    f"lowering refuses smaller); this cell has dim / heads = {head_dim}")
+        return None
 
     def _flex_plan(self, key: tuple, mask_fn: Callable, q_len: int, kv_len: int, device,
                    block: int | None = None) -> FlexPlan:

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..registry import register
 from ._common import attention_flops, check_heads, linear_flops
-from ._flex import FlexPlans, run_flex
+from ._flex import CUDA_BLOCK, FlexPlans, run_flex
 
 
 def one_hot_shift_kernels(dim: int, kernel: int) -> torch.Tensor:
@@ -301,11 +301,25 @@ class LocalFlex(FlexPlans, _LocalAttention):
         hq, wq = -(-height // t) * t, -(-width // t) * t
         return hq, wq, -(-(hq + 2 * r) // t) * t, -(-(wq + 2 * r) // t) * t
 
+    def _tile_problem(self) -> str | None:
+        if self.tile & (self.tile - 1):
+            return (f"local.flex on CUDA needs a power-of-two tile (its tiles fill the kernel's 128-token blocks); "
+                    f"got tile={self.tile}")
+        return None
+
+    def supports_device(self, device_type: str) -> str | None:
+        return (device_type == "cuda" and self._tile_problem()) or super().supports_device(device_type)
+
     def _plan(self, height: int, width: int, device="cpu"):
         t, k = self.tile, self.kernel
         hq, wq, hk, wk = self._grids(height, width)
-        return self._flex_plan((height, width, k, t), local_mask_fn(wq // t, wk // t, t, k), hq * wq, hk * wk,
-                               device, block=t * t)
+        block = t * t
+        if self._layout(device) == "cuda":  # tiles back to back in 128-token blocks (a tile: a power of two)
+            if reason := self._tile_problem():
+                raise ValueError(reason)
+            block = max(CUDA_BLOCK, block)
+        return self._flex_plan((height, width, k, t, block), local_mask_fn(wq // t, wk // t, t, k), hq * wq,
+                               hk * wk, device, block=block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, C) -> (B, H, W, C)."""

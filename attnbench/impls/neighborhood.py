@@ -51,7 +51,7 @@ from torch import nn
 
 from ..registry import register
 from ._common import attention_flops, check_heads, linear_flops
-from ._flex import FlexPlans, run_flex
+from ._flex import CUDA_BLOCK, FlexPlans, run_flex
 
 
 def window_starts(length: int, kernel: int, dilation: int) -> list[tuple[int, int, int]]:
@@ -266,10 +266,10 @@ class _FlexAxis:
     pk = lmax + r rounded up to whole tiles, so that key tile j covers [j t - r, (j + 1) t - r) and an
     interior query tile's keys [i t - r, i t + t + r) lie in ceil((t + 2r) / t) key tiles (i, i + 1, ...)."""
 
-    def __init__(self, length: int, kernel: int, dilation: int, tile: int):
+    def __init__(self, length: int, kernel: int, dilation: int, tile: int, pow2: bool = False):
         self.length, self.d, self.r = length, dilation, kernel // 2
         lmax = -(-length // dilation)
-        self.t = min(tile, lmax)
+        self.t = min(tile, 1 << (lmax - 1).bit_length() if pow2 else lmax)
         self.pq = -(-lmax // self.t) * self.t
         self.pk = -(-(lmax + self.r) // self.t) * self.t
 
@@ -278,7 +278,7 @@ class _FlexAxis:
         return (self.length - g + self.d - 1) // self.d
 
 
-def nat_flex_rule(height: int, width: int, kernel: int, dilation: int, tile: int = 4):
+def nat_flex_rule(height: int, width: int, kernel: int, dilation: int, tile: int = 4, pow2: bool = False):
     """The tile-major layout of ``local.neighborhood_flex``: (mask_fn, bias_index_fn, q_len, kv_len, block,
     q_src, kv_src, q_inv).
 
@@ -294,9 +294,11 @@ def nat_flex_rule(height: int, width: int, kernel: int, dilation: int, tile: int
     ``bias_index_fn`` gives (row, col) indices into ``rpb[head]``, clamped to [0, 2k-2] (only masked pairs
     are ever outside). ``q_src`` (q_len,), ``kv_src`` (kv_len,): the row-major grid token at each sequence
     position (padding: a clamped stand-in, masked); ``q_inv`` (H*W,): each grid token's query position.
+    ``pow2``: a tile side shrinks only to a power of two (>= the group's side), for the CUDA layout,
+    whose 128-token blocks must hold whole tiles.
     """
     k, d, r = kernel, dilation, kernel // 2
-    ar, ac = _FlexAxis(height, k, d, tile), _FlexAxis(width, k, d, tile)
+    ar, ac = _FlexAxis(height, k, d, tile, pow2), _FlexAxis(width, k, d, tile, pow2)
     tr, tc = ar.t, ac.t
     block = tr * tc
     q_seg, k_seg = ar.pq * ac.pq, ar.pk * ac.pk
@@ -364,30 +366,35 @@ class NeighborhoodFlex(FlexPlans, _NeighborhoodAttention):
     # ceil((t + 2r) / t) key tiles per axis; at kernel 7 on this 2-core CPU, 56 x 56, batch 8, t = 4 (block 16,
     # 9 key blocks, 2.8x the unmasked pairs) timed 159 ms, t = 3: 187, 6: 226, 8: 256 (5.2x the pairs), 2: 265
     tile = 4
+    cuda_tile = 8  # the CUDA layout: 8 x 8 tiles (a power of two), two to a 128-token block
 
     def __init__(self, dim: int, heads: int, kernel: int = 7, dilation: int = 1, qkv_bias: bool = True):
         super().__init__(dim, heads, kernel, dilation, qkv_bias)
         self._init_flex()
 
-    def _layout(self, height: int, width: int, device="cpu"):
-        """:func:`nat_flex_rule` for this grid, its index tensors on ``device`` (cached per device)."""
-        key = (height, width, "flex", self.tile, str(device))
+    def _tiles(self, height: int, width: int, device="cpu"):
+        """:func:`nat_flex_rule` for this grid in the layout of a call on ``device`` (cpu: ``tile``, one tile
+        a block; cuda: ``cuda_tile``, 128-token blocks), its index tensors on ``device`` (cached per device)."""
+        cuda = self._layout(device) == "cuda"
+        tile = self.cuda_tile if cuda else self.tile
+        key = (height, width, "flex", tile, cuda, str(device))
         if key not in self._tables:
-            *fns, q_len, kv_len, block, q_src, kv_src, q_inv = nat_flex_rule(
-                height, width, self.kernel, self.dilation, self.tile)
+            *fns, q_len, kv_len, tokens, q_src, kv_src, q_inv = nat_flex_rule(
+                height, width, self.kernel, self.dilation, tile, pow2=cuda)
+            block = max(CUDA_BLOCK, tokens) if cuda else tokens
             self._tables[key] = (*fns, q_len, kv_len, block, q_src.to(device), kv_src.to(device), q_inv.to(device))
         return self._tables[key]
 
     def _plan(self, height: int, width: int, device="cpu"):
-        mask_fn, _, q_len, kv_len, block, *_ = self._layout(height, width)
-        return self._flex_plan((height, width, self.kernel, self.dilation, self.tile), mask_fn, q_len, kv_len,
+        mask_fn, _, q_len, kv_len, block, *_ = self._tiles(height, width, device)
+        return self._flex_plan((height, width, self.kernel, self.dilation, block, q_len), mask_fn, q_len, kv_len,
                                device, block=block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         self._check(H, W)
         h, d, N = self.heads, self.head_dim, H * W
-        _, bias_index, q_len, kv_len, _, q_src, kv_src, q_inv = self._layout(H, W, x.device)
+        _, bias_index, q_len, kv_len, _, q_src, kv_src, q_inv = self._tiles(H, W, x.device)
         q, kv = self.qkv(x).reshape(B, N, 3 * C).split([C, 2 * C], dim=-1)  # q unscaled
         q = q.index_select(1, q_src).reshape(B, q_len, h, d).transpose(1, 2)  # (B, h, Nq, d), tile-major
         kv = kv.index_select(1, kv_src).reshape(B, kv_len, 2, h, d).permute(2, 0, 3, 1, 4)  # (2, B, h, Nk, d)

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..registry import register
 from ._common import attention_flops, attention_sdpa, check_heads, linear_flops
-from ._flex import FlexPlans, run_flex
+from ._flex import FlexPlans, layout_block, run_flex
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -231,25 +231,33 @@ class SwinShiftCyclic(_ShiftedSwin):
         return torch.roll(out, shifts=(s, s), dims=(1, 2))[:, :H, :W]
 
 
-def swin_flex_rule(hp: int, wp: int, window: int, shift: int):
+def swin_flex_rule(hp: int, wp: int, window: int, shift: int, slot: int | None = None):
     """(mask_fn, rel_index_fn, region_fn) on WINDOW-MAJOR token indices of the (Hp, Wp) padded grid rolled
-    by -shift (Swin's cyclic coordinates; shift 0: W-MSA): token p is number ``p mod M^2`` (row-major) of
-    window ``p // M^2`` (windows row-major), the order of ``window_partition`` of the rolled grid.
-    Allowed: the same window, i.e. ``q // M^2 == k // M^2``; relative index: the pair's offset within the
+    by -shift (Swin's cyclic coordinates; shift 0: W-MSA): window ``p // slot`` (windows row-major), token
+    ``p mod slot`` of it (row-major), the order of ``window_partition`` of the rolled grid with each window's
+    M^2 tokens followed by ``slot - M^2`` padding positions (``slot`` default M^2: none).
+    Allowed: the same window and a key that is no padding; relative index: the pair's offset within the
     window, row of the ((2M-1)^2, heads) table; region (0, 1, 2 per axis, as :func:`cyclic_shift_mask`,
-    on the rolled grid): pairs of different regions get -100, as in ``swin.shift_cyclic``."""
+    on the rolled grid): pairs of different regions get -100, as in ``swin.shift_cyclic``. Padding
+    positions are read as the window's last token, so every index stays inside the table (the kernel
+    evaluates score_mod on masked pairs too)."""
     M, s, n = window, shift, window * window
+    slot = slot or n
     cols = wp // M  # windows per row
 
+    def within(idx):  # the token's number in its window
+        return idx % n if slot == n else (idx % slot).clamp(max=n - 1)
+
     def rolled(idx):  # (row, col) on the rolled grid
-        w, t = idx // n, idx % n
+        w, t = idx // slot, within(idx)
         return (w // cols) * M + t // M, (w % cols) * M + t % M
 
     def mask_fn(q_idx, kv_idx):
-        return q_idx // n == kv_idx // n
+        same = q_idx // slot == kv_idx // slot
+        return same if slot == n else same & (kv_idx % slot < n)
 
     def rel_index(q_idx, kv_idx):
-        qt, kt = q_idx % n, kv_idx % n
+        qt, kt = within(q_idx), within(kv_idx)
         return (qt // M - kt // M + M - 1) * (2 * M - 1) + (qt % M - kt % M + M - 1)
 
     def region(idx):
@@ -265,7 +273,9 @@ class _SwinFlex(FlexPlans):
     by :func:`window_partition` into one sequence of Hp Wp tokens, each M x M window contiguous; one flex
     call with block size M^2 (one window per block), so the block mask is block-diagonal (every computed
     block is a window, "full": no mask_mod call); ``score_mod`` = table lookup (+ -100 across regions when
-    shifted); then :func:`window_reverse` (and the roll back).
+    shifted); then :func:`window_reverse` (and the roll back). In the ``cuda`` layout (see
+    :mod:`attnbench.impls._flex`) each window is followed by padding up to a power-of-two slot (masked as
+    keys; those queries' outputs dropped) and blocks are 128 tokens.
 
     FLOPs: ``flops_analytic`` counts the blocks the kernel COMPUTES (M^2 x M^2 tiles of the (Hp Wp)^2
     score matrix holding an allowed pair: the windows), 4 C B * computed_pairs, plus the linears on
@@ -276,24 +286,29 @@ class _SwinFlex(FlexPlans):
 
     shift = 0
 
-    def _rules(self, hp, wp):
-        return swin_flex_rule(hp, wp, self.window, self.shift)
+    def _rules(self, hp, wp, slot=None):
+        return swin_flex_rule(hp, wp, self.window, self.shift, slot)
 
     def _plan(self, hp: int, wp: int, device="cpu"):
-        return self._flex_plan((hp, wp), self._rules(hp, wp)[0], hp * wp, hp * wp, device, block=self.window ** 2)
+        slot, block = layout_block(self._layout(device), self.window ** 2)
+        n = hp * wp // self.window ** 2 * slot
+        return self._flex_plan((hp, wp, slot), self._rules(hp, wp, slot)[0], n, n, device, block=block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
-        M, s = self.window, self.shift
+        M, s, n = self.window, self.shift, self.window ** 2
         x = pad_to_multiple(x, M)
         _, Hp, Wp, _ = x.shape
-        h, d, n = self.heads, self.head_dim, Hp * Wp
+        h, d, nw = self.heads, self.head_dim, Hp * Wp // n
+        slot, _ = layout_block(self._layout(x.device), n)
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        x = window_partition(x, M).reshape(B, n, C)  # window-major
-        q, k, v = self.qkv(x).reshape(B, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d)
-        _, rel_index, region = self._rules(Hp, Wp)
+        qkv = self.qkv(window_partition(x, M).reshape(B, nw, n, C))  # window-major
+        if slot > n:  # the CUDA layout: each window followed by slot - n padding positions (masked as keys)
+            qkv = F.pad(qkv, (0, 0, 0, slot - n))
+        q, k, v = qkv.reshape(B, nw * slot, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, nw slot, d)
+        _, rel_index, region = self._rules(Hp, Wp, slot)
         table, shifted = self.relative_position_bias_table, s > 0
 
         def score_mod(score, b, head, q_idx, kv_idx):
@@ -302,8 +317,9 @@ class _SwinFlex(FlexPlans):
                 score = score - 100.0 * (region(q_idx) != region(kv_idx)).to(score.dtype)
             return score
 
-        out = run_flex(self, q, k, v, self._plan(Hp, Wp, x.device), score_mod)  # (B, h, N, d)
-        out = window_reverse(self.proj(out.transpose(1, 2).reshape(B * (n // (M * M)), M * M, C)), M, Hp, Wp)
+        out = run_flex(self, q, k, v, self._plan(Hp, Wp, x.device), score_mod)  # (B, h, nw slot, d)
+        out = out.transpose(1, 2).reshape(B, nw, slot, C)[:, :, :n].reshape(B * nw, n, C)
+        out = window_reverse(self.proj(out), M, Hp, Wp)
         if s:
             out = torch.roll(out, shifts=(s, s), dims=(1, 2))
         return out[:, :H, :W]

@@ -14,7 +14,17 @@ from typing import Any
 
 import torch
 
+from ..device import tf32_enabled
 from . import memory
+
+
+def _matmul_precision() -> str:
+    """torch.get_float32_matmul_precision(), or, where torch refuses it (the legacy and new TF32 APIs both
+    used), the new API's ``fp32_precision`` of matmuls."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return f"fp32_precision={getattr(torch.backends.cuda.matmul, 'fp32_precision', '?')}"
 
 
 def _pkg(name: str) -> str | None:
@@ -96,9 +106,9 @@ def collect_env(device: torch.device, repo: Path | None = None) -> dict[str, Any
             "version": torch.__version__,
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "tf32_matmul": tf32_enabled("matmul"),
+            "tf32_cudnn": tf32_enabled("cudnn"),
+            "float32_matmul_precision": _matmul_precision(),
             "num_threads": torch.get_num_threads(),
             "num_interop_threads": torch.get_num_interop_threads(),
         },

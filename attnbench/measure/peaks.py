@@ -35,6 +35,7 @@ import torch
 from . import timing
 
 from ..device import TORCH_DTYPES as DTYPES
+from ..device import tf32_enabled
 
 
 WARMUP_S = 0.1  # CUDA: wall time of work before a peak or the sentinel is timed (clocks ramp up)
@@ -110,7 +111,7 @@ def measure_peaks(device: torch.device, dtypes: list[str], repeats: int = 10) ->
     cuda = device.type == "cuda"
     n = 8192 if cuda else 1024
     out: dict[str, Any] = {"device": str(device), "matmul_n": n, "matmul_tflops": {}, "copy_gb_s": None,
-                           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if cuda else None}
+                           "tf32_matmul": tf32_enabled("matmul") if cuda else None}
     for name in dtypes:
         try:
             out["matmul_tflops"][name] = matmul_tflops(device, name, repeats if cuda else 5)

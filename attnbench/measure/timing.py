@@ -4,7 +4,8 @@ GPU: one pair of CUDA events around each call, recorded back to back on the stre
 synchronised once after the batch of calls (no host sync inside the timed region). With
 ``l2_flush`` a buffer larger than the L2 cache is overwritten before each call, outside its
 events, so every call starts cold, as triton's ``do_bench`` does. With a CUDA graph the call is
-captured once and each sample times one graph replay (launch overhead removed).
+captured once (on a side stream made on the device; the current stream is put back however the
+capture ends) and each sample times one graph replay (launch overhead removed).
 
 A call that cannot be captured raises :class:`GraphCaptureError` from :func:`capture_graph`;
 :func:`graph_or_events` falls back to timing the call itself with CUDA events and says why in the
@@ -45,6 +46,15 @@ LAUNCH_BOUND_TOLERANCE = 0.2  # steady time more than 20% above the flushed time
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def wall_s(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, the device synchronised before and after it."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
 
 
 def l2_flusher(device: torch.device) -> Callable[[], None] | None:
@@ -162,19 +172,26 @@ def capture_graph(fn: Callable[[], object], device: torch.device, warmup: int = 
     """
     if device.type != "cuda":
         raise GraphCaptureError("CUDA graphs need a CUDA device")
+    prev = None
     try:
+        prev = torch.cuda.current_stream(device)
         stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
+        stream.wait_stream(prev)
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
+        prev.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):  # captured on the side stream, made on ``device``
             fn()
         synchronize(device)
     except Exception as exc:  # any failure of the capture is the caller's fallback
         raise GraphCaptureError(_root_reason(exc)) from exc
+    finally:
+        # torch.cuda.graph leaves its stream current when the capture fails (capture_end raises before
+        # the stream is put back, and a failed capture_begin never reaches __exit__)
+        if prev is not None:
+            torch.cuda.set_stream(prev)
     return graph.replay
 
 
