@@ -1,6 +1,7 @@
 """Exact local attention vs Swin's shifted windows on this CPU: interleaved forward timing.
 
     python3 benchmarks/local_speed.py [--grid 56] [--batch 1 8] [--reps 30] [--only swin.window local.blocked]
+                                      [--out DIR]   # DIR/local_speed.json (every sample), table.txt, env.json
 
 Forward, float32, no grad, dim 96, 3 heads (Swin-T stage 1 at 224 px: 56 x 56 tokens). Every
 implementation is first called once (the flex forms compile there; that call's seconds are printed
@@ -14,9 +15,11 @@ else is timed in their place.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,10 +30,12 @@ FORMS = [  # (label, name, params)
     ("swin.shift_cyclic", "swin.shift_cyclic", {}),
     ("local.im2col k=7", "local.im2col", {"kernel": 7}),
     ("local.blocked k=7", "local.blocked", {"kernel": 7}),
+    ("local.blocked k=7 tile 4", "local.blocked", {"kernel": 7, "tile": 4}),
     ("local.neighborhood k=7", "local.neighborhood", {"kernel": 7}),
     ("swin.window_flex", "swin.window_flex", {}),
     ("swin.shift_flex", "swin.shift_flex", {}),
     ("local.flex k=7", "local.flex", {"kernel": 7}),
+    ("local.flex k=7 tile 8", "local.flex", {"kernel": 7, "tile": 8}),
     ("local.neighborhood_flex k=7", "local.neighborhood_flex", {"kernel": 7}),
 ]
 BASE = "swin.shift_cyclic"
@@ -82,18 +87,30 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", nargs="+", default=None, help="implementation names (swin.shift_cyclic is always in)")
+    ap.add_argument("--out", type=Path, default=None, help="a new folder for the samples, the table and env.json")
     args = ap.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, grid {args.grid}x{args.grid}, dim 96, "
-          f"heads 3, forward float32 no grad, {args.reps} interleaved rounds after {args.warmup} warm-up")
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, grid {args.grid}x{args.grid}, dim 96, "
+             f"heads 3, forward float32 no grad, {args.reps} interleaved rounds after {args.warmup} warm-up"]
+    results = {}
     for batch in args.batch:
-        rows = measure(batch, args.grid, args.reps, args.warmup, args.only)
-        print(f"\nbatch {batch}")
-        print(f"{'implementation':30s} {'median ms':>10s} {'IQR ms':>8s} {'/ cyclic':>9s} {'GFLOPs':>8s} "
-              f"{'useful':>8s} {'first call s':>12s} {'compile s':>9s}")
+        rows = results[batch] = measure(batch, args.grid, args.reps, args.warmup, args.only)
+        lines += [f"\nbatch {batch}",
+                  f"{'implementation':30s} {'median ms':>10s} {'IQR ms':>8s} {'/ cyclic':>9s} {'GFLOPs':>8s} "
+                  f"{'useful':>8s} {'first call s':>12s} {'compile s':>9s}"]
         for r in rows:
             comp = f"{r['compile_s']:9.1f}" if r["compile_s"] is not None else f"{'-':>9s}"
-            print(f"{r['label']:30s} {r['median_ms']:10.2f} {r['iqr_ms']:8.2f} {r['ratio']:9.2f} {r['gflops']:8.2f} "
-                  f"{r['useful_gflops']:8.2f} {r['first_call_s']:12.2f} {comp}")
+            lines.append(f"{r['label']:30s} {r['median_ms']:10.2f} {r['iqr_ms']:8.2f} {r['ratio']:9.2f} "
+                         f"{r['gflops']:8.2f} {r['useful_gflops']:8.2f} {r['first_call_s']:12.2f} {comp}")
+    print("\n".join(lines))
+    if args.out is not None:
+        from attnbench.measure.env import collect_env
+
+        args.out.mkdir(parents=True, exist_ok=False)
+        (args.out / "table.txt").write_text("\n".join(lines) + "\n")
+        (args.out / "local_speed.json").write_text(json.dumps({"argv": vars(args) | {"out": str(args.out)},
+                                                               "batches": results}, indent=1))
+        (args.out / "env.json").write_text(json.dumps(collect_env(torch.device("cpu")), indent=1, default=str))
+        print(f"\nwritten: {args.out}")
 
 
 if __name__ == "__main__":
