@@ -290,7 +290,8 @@ class LocalFlex(FlexPlans, _LocalAttention):
     """
 
     # tile -1: 4 in the cpu layout (one 16-token tile a block; on this project's 2-core CPU at 56 x 56,
-    # batch 1, interleaved: 3.8x swin.shift_cyclic's time against 5.7x with 8 x 8 tiles), 8 in the cuda
+    # interleaved, results/reference/local_speed-cpu: 4.7x swin.shift_cyclic's time against 7.1x with
+    # 8 x 8 tiles at batch 1, 4.4x against 6.6x at batch 8), 8 in the cuda
     # layout (two 8 x 8 tiles a 128-token block: 10.3x the unmasked pairs computed against 15.5x with 4 x 4)
     default_text = {"tile": "4 (CPU layout), 8 (CUDA layout)"}
     AUTO_TILE = {"cpu": 4, "cuda": 8}
