@@ -192,6 +192,8 @@ COLUMNS: tuple[Column, ...] = (
     _C("gpu_load_mem_clock_mhz_median", TELEMETRY, "float", "median memory clock during the timed calls, MHz"),
     _C("gpu_load_power_w_median", TELEMETRY, "float", "median board power during the timed calls, W"),
     _C("gpu_load_power_w_max", TELEMETRY, "float", "highest board power during the timed calls, W"),
+    _C("gpu_load_power_method", TELEMETRY, "str", "instant (NVML's instantaneous power field) or average (the "
+       "driver's power reading, on Hopper and later a 1 s average: a short cell's peak is under-read)"),
     _C("gpu_load_temperature_c_max", TELEMETRY, "float", "highest GPU temperature during the timed calls, C"),
     _C("gpu_load_clock_event_reasons", TELEMETRY, "str", "clock-event reasons seen during the timed calls"),
     _C("gpu_load_throttle_power_fraction", TELEMETRY, "float", "share of the timed window held down by power"),

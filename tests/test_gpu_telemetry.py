@@ -249,3 +249,35 @@ def test_a_whole_gpu_still_falls_back_to_its_index(monkeypatch):
     t = telemetry.Telemetry(1, uuid="unknown")  # not MIG, GPU not in MIG mode: the driver's index is right
     assert t.available and t.matched_by == "index" and t.handle == "GPU-bbbb"
     assert telemetry.Telemetry(0, uuid="bbbb").handle == "GPU-bbbb"
+
+
+class FakeNVMLInstantPower(FakeNVML):
+    """A driver with NVML's instantaneous power field (186): it reads ``instant_mw``; the averaged
+    nvmlDeviceGetPowerUsage keeps the old ``power_mw`` (Hopper's 1 s average lags a short peak)."""
+
+    NVML_FI_DEV_POWER_INSTANT = 186
+
+    def nvmlDeviceGetFieldValues(self, h, ids):
+        assert ids == [186]
+        ret = 0 if "instant_mw" in self._now() else 3  # NVML_ERROR_NOT_SUPPORTED
+        return [SimpleNamespace(fieldId=186, nvmlReturn=ret, value=SimpleNamespace(uiVal=self._now().get("instant_mw", 0)))]
+
+
+def test_power_is_read_instantaneously_where_the_driver_can(monkeypatch):
+    f = FakeNVMLInstantPower()
+    monkeypatch.setitem(sys.modules, "pynvml", f)
+    f.script = lambda i: {"power_mw": 400_000, "instant_mw": 700_000 if i >= 2 else 300_000}
+    t = telemetry.Telemetry(0, uuid="aaaa")
+    s = run_window(t, f, at_least=6)
+    assert s.summary["power_w_max"] == 700.0 and s.summary["power_method"] == "instant"
+    cols = telemetry_columns(t.snapshot(), t.snapshot(), under_load=s.summary)
+    assert cols["gpu_load_power_method"] == "instant" and cols["gpu_before_power_w"] == 700.0
+    f.script = lambda i: {"power_mw": 400_000}  # the field not supported: the averaged reading, said so
+    s = run_window(t, f, at_least=3)
+    assert s.summary["power_w_max"] == 400.0 and s.summary["power_method"] == "average"
+
+
+def test_power_method_is_average_without_the_field(fake):
+    t = telemetry.Telemetry(0, uuid="aaaa")
+    s = run_window(t, fake, at_least=3)
+    assert s.summary["power_method"] == "average" and s.summary["power_w_max"] == 650.0

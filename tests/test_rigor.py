@@ -232,7 +232,7 @@ def test_telemetry_reads_nvml_and_matches_torchs_gpu_by_uuid(monkeypatch):
     assert t.available and t.matched_by == "uuid" and t.handle == "GPU-bbbb"
     fake.mask = 0x1 | 0x4
     assert t.snapshot() == {"available": True, "sm_clock_mhz": 1980, "mem_clock_mhz": 3201, "power_w": 412.345,
-                            "temperature_c": 61, "clock_event_mask": 0x5,
+                            "power_method": "average", "temperature_c": 61, "clock_event_mask": 0x5,
                             "clock_event_reasons": ["gpu_idle", "sw_power_cap"]}
     assert telemetry.Telemetry(1, uuid="GPU-unknown").handle == "GPU-bbbb"  # unknown uuid: by index
     state = env.nvml_state(0, "aaaa")

@@ -47,6 +47,7 @@ class LoadSampler:
         if not snap.get("available") or all(snap.get(k) is None for k in keys):
             return None
         return {"t": time.perf_counter(), **{k: snap.get(k) for k in keys},
+                "power_method": snap.get("power_method"),
                 "clock_event_reasons": snap.get("clock_event_reasons") or []}
 
     def _run(self) -> None:
@@ -141,6 +142,7 @@ class LoadSampler:
             "mem_clock_mhz_median": stat(statistics.median, "mem_clock_mhz"),
             "power_w_median": stat(statistics.median, "power_w"),
             "power_w_max": stat(max, "power_w"),
+            "power_method": next((s["power_method"] for s in samples if s.get("power_method")), None),
             "temperature_c_max": max(values("temperature_c", samples), default=None),
             "clock_event_reasons": sorted(reasons),
             "throttle_power_fraction": fraction("power"),

@@ -173,6 +173,19 @@ class Telemetry:
         except Exception:
             return None
 
+    def power_mw(self) -> tuple[int | None, str | None]:
+        """(milliwatts, method): NVML's instantaneous power field where the driver has it (``instant``);
+        else ``nvmlDeviceGetPowerUsage``, which on Hopper and later is an average over the last second
+        (``average``: a 10 ms sampler under-reads the peak of a short cell with it)."""
+        field = getattr(self.nvml, "NVML_FI_DEV_POWER_INSTANT", None)
+        values = self.query("nvmlDeviceGetFieldValues", [field]) if field is not None else None
+        if values:
+            v = values[0]
+            if getattr(v, "nvmlReturn", 1) == 0:
+                return int(v.value.uiVal), "instant"
+        power = self.query("nvmlDeviceGetPowerUsage")
+        return (power, "average") if power is not None else (None, None)
+
     def snapshot(self) -> dict[str, Any]:
         if not self.available:
             return {"available": False, "reason": self.reason}
@@ -180,12 +193,13 @@ class Telemetry:
         mask = self.query("nvmlDeviceGetCurrentClocksEventReasons")
         if mask is None:
             mask = self.query("nvmlDeviceGetCurrentClocksThrottleReasons")
-        power = self.query("nvmlDeviceGetPowerUsage")
+        power, power_method = self.power_mw()
         return {
             "available": True,
             "sm_clock_mhz": self.query("nvmlDeviceGetClockInfo", getattr(n, "NVML_CLOCK_SM", 1)),
             "mem_clock_mhz": self.query("nvmlDeviceGetClockInfo", getattr(n, "NVML_CLOCK_MEM", 2)),
             "power_w": power / 1000 if power is not None else None,
+            "power_method": power_method,
             "temperature_c": self.query("nvmlDeviceGetTemperature", getattr(n, "NVML_TEMPERATURE_GPU", 0)),
             "clock_event_mask": mask,
             "clock_event_reasons": decode_reasons(mask),
@@ -248,7 +262,7 @@ def power_capped(*readings: dict[str, Any] | None) -> bool:
 
 LOAD_KEYS = ("samples", "idle_samples", "sm_clock_mhz_median", "sm_clock_mhz_min", "mem_clock_mhz_median",
              "power_w_median", "power_w_max", "temperature_c_max", "throttle_power_fraction",
-             "throttle_thermal_fraction")
+             "throttle_thermal_fraction", "power_method")
 
 
 def flatten_load(summary: dict[str, Any] | None, prefix: str = "gpu_load") -> dict[str, Any]:
