@@ -341,3 +341,22 @@ def test_a_flex_forms_compile_is_compile_s_not_a_first_call_over_budget(tmp_path
     row = run_suite(suite, tmp_path / "run", progress=False).rows[0]
     assert row["status"] == "ok", row["message"]
     assert row["compile_s"] == 100.0 and row["latency_ms_median"] < 1000
+
+
+@pytest.mark.parametrize("name", ["local.flex", "swin.shift_flex"] + [
+    pytest.param(n, marks=pytest.mark.slow) for n in ("swin.window_flex", "local.neighborhood_flex")])
+def test_inside_a_compiled_module_flex_is_one_graph_with_it(name):
+    """With ``compile: true`` the whole module is compiled: its flex call must be traced into that graph
+    (not a graph break around the form's own compiled call and its bookkeeping, which ran flex eagerly
+    at ~40x the time), and compute the same."""
+    import torch._dynamo
+
+    m = attnbench.create(name, dim=32, heads=2).eval()
+    x = torch.randn(1, 16, 16, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = m(x)  # builds the block mask (a cold trace breaks the graph there once, to build it eagerly)
+        explained = torch._dynamo.explain(m)(x)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        y_compiled = torch.compile(m)(x)
+    assert (y_compiled - y).abs().max() <= 1e-4 * y.abs().max()

@@ -196,6 +196,10 @@ def run_flex(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Fl
         return _explicit_blocks(q, k, v, plan, score_mod)
     from torch.nn.attention.flex_attention import flex_attention
 
+    if torch.compiler.is_compiling():  # inside a compiled module (compile: true): the outer compile fuses flex
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=plan.block_mask)
+
     reason = None
     if q.dtype not in COMPILED_DTYPES:
         reason = f"inductor's flex kernel takes float32/float16/bfloat16, not {q.dtype}"
