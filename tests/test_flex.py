@@ -360,3 +360,49 @@ def test_inside_a_compiled_module_flex_is_one_graph_with_it(name):
         torch._dynamo.reset()
         y_compiled = torch.compile(m)(x)
     assert (y_compiled - y).abs().max() <= 1e-4 * y.abs().max()
+
+
+def _flex_against_naive(name: str, device: str, dtype: torch.dtype, train: bool, layout: str = "cuda") -> None:
+    """The flex form against its naive sibling on ``device``: same weights, dim 64 and 4 heads (head size 16,
+    the least CUDA's flex takes), a grid no window or tile divides; the naive form in float64 on the CPU is
+    the reference. With ``train`` the input and weight gradients are compared too."""
+    ref, variants = FORMS[name]
+    params = variants[0]
+    naive = randomize_(attnbench.create(ref, dim=64, heads=4, **params), seed=11).double()
+    flex = attnbench.create(name, dim=64, heads=4, **params)
+    flex.load_state_dict(naive.state_dict())
+    flex.flex_layout = layout  # a CUDA call takes the cuda layout whatever this says
+    flex = flex.to(device=device, dtype=dtype)
+    x64 = torch.randn(2, 23, 19, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    x = x64.to(device=device, dtype=dtype).requires_grad_(train)
+    with torch.set_grad_enabled(train):
+        y = flex(x)
+    assert flex.flex_path == "compiled flex_attention", flex.flex_path
+    x64.requires_grad_(train)
+    y64 = naive(x64)
+    tol = 2e-3 if dtype == torch.float32 else 3e-2  # float32 allows for TF32 (a layout mistake is O(1))
+    assert (y.double().cpu() - y64.detach()).abs().max() <= tol * y64.abs().max()
+    if train:
+        g = torch.randn(y64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+        (y * g.to(device=device, dtype=dtype)).sum().backward()
+        (y64 * g).sum().backward()
+        assert (x.grad.double().cpu() - x64.grad).abs().max() <= 10 * tol * x64.grad.abs().max()
+        grads = dict(naive.named_parameters())
+        for pname, p in flex.named_parameters():
+            want = grads[pname].grad
+            assert (p.grad.double().cpu() - want).abs().max() <= 10 * tol * want.abs().max(), pname
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(FORMS))
+def test_gpu_flex_forms_compile_and_match_on_cuda_forward_and_backward(name, dtype):
+    """The CUDA layout through torch's CUDA flex kernels (the block sizes they accept), forward and backward."""
+    _flex_against_naive(name, "cuda", dtype, train=False)
+    _flex_against_naive(name, "cuda", dtype, train=True)
+
+
+@pytest.mark.slow
+def test_the_gpu_flex_check_runs_on_the_cpu_forward():
+    """The GPU test's own logic, on the CPU (forward only: no flex backward here), in the CUDA layout."""
+    _flex_against_naive("swin.shift_flex", "cpu", torch.float32, train=False, layout="cuda")
