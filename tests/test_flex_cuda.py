@@ -166,3 +166,17 @@ def test_gpu_flex_forms_compile_and_match_on_cuda_forward_and_backward(name, dty
 def test_the_gpu_flex_check_runs_on_the_cpu_forward():
     """The GPU test's own logic, on the CPU (forward only: no flex backward here), in the CUDA layout."""
     _flex_against_naive("swin.shift_flex", "cpu", torch.float32, train=False, layout="cuda")
+
+
+def test_compile_true_compiles_a_flex_form_as_one_graph(tmp_path):
+    """With compile: true the cell primes the flex form's block mask before compiling, so dynamo makes one
+    graph of the whole module (a mask built during the trace left it as 5 graphs and 3 breaks for good);
+    rows say how many graphs and breaks the compile made."""
+    from attnbench.runner import run_suite
+    from conftest import make_suite
+
+    suite = make_suite(["local.flex", "swin.window"], resolution=(64,), dim=32, heads=2, compile=True)
+    rows = run_suite(suite, tmp_path / "run", progress=False).rows
+    for row in rows:
+        assert row["status"] == "ok", row["message"]
+        assert (row["compile_graphs"], row["compile_graph_breaks"]) == (1, 0), row["impl"]
