@@ -173,8 +173,9 @@ COLUMNS: tuple[Column, ...] = (
     _C("steady_calls", LATENCY, "int", "calls per steady-state block"),
     _C("launch_bound", LATENCY, "bool", "steady time more than 20% above the flushed median: launches set the pace"),
     _C("compile_s", LATENCY, "float", "torch.compile: the first call, s"),
-    _C("compile_graphs", LATENCY, "int", "torch.compile: graphs dynamo made of the module (1: whole)"),
-    _C("compile_graph_breaks", LATENCY, "int", "torch.compile: graph breaks dynamo hit (0: whole)"),
+    _C("compile_graphs", LATENCY, "int", "torch.compile: graphs dynamo compiled in the cell (1 a shape: whole; "
+       "each batch the largest-batch search tried is a shape)"),
+    _C("compile_graph_breaks", LATENCY, "int", "torch.compile: graph breaks dynamo hit in the cell (0: whole)"),
     # memory
     _C("peak_mem_bytes", MEMORY, "float", "peak memory of one call above what was held before it", True, "memory",
        (2, "peak memory of one call, MiB", 2.0 ** 20, ".4g")),

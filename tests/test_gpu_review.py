@@ -277,3 +277,13 @@ def test_the_environment_record_reads_tf32_under_the_new_api(new_tf32_api):
     record = collect_env(torch.device("cpu"))["torch"]
     assert record["tf32_matmul"] is True and record["tf32_cudnn"] is True
     assert isinstance(record["float32_matmul_precision"], str)
+
+
+def test_a_compiled_train_cell_compiles_one_program(tmp_path):
+    """The train call takes its output gradient's shape from the uncompiled module: asking the compiled one
+    compiled a no-grad program no timed call runs (2 graphs, its compile outside compile_s)."""
+    suite = make_suite(["swin.window"], resolution=(64,), dim=32, heads=2, compile=True, mode=["forward", "train"])
+    rows = runner.run_suite(suite, tmp_path / "run", progress=False).rows
+    for row in rows:
+        assert row["status"] == "ok", row["message"]
+        assert (row["compile_graphs"], row["compile_graph_breaks"]) == (1, 0), row["mode"]

@@ -20,8 +20,9 @@ def make_call(module: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[
         return call
     module.train()
     x.requires_grad_(True)
-    with torch.no_grad():
-        grad_out = torch.randn_like(module(x))
+    with torch.no_grad():  # the output's shape from the uncompiled module: a compiled one would compile a
+        # no-grad program here that no timed call runs (a second graph, seconds of compile outside compile_s)
+        grad_out = torch.randn_like(getattr(module, "_orig_mod", module)(x))
 
     def call() -> None:
         module.zero_grad(set_to_none=True)
