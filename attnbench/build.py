@@ -211,7 +211,8 @@ def compile_module(module: torch.nn.Module) -> torch.nn.Module:
 def check_compiled() -> dict[str, int]:
     """Raise :class:`CompileFallback` when the first compiled call produced no graph (dynamo fell back
     to eager, e.g. at its recompile limit); else the cell's ``compile_graphs`` and ``compile_graph_breaks``
-    (dynamo's counters, cleared by :func:`compile_module`: one graph and no break is a whole-module program)."""
+    (dynamo's counters, cleared by :func:`compile_module`: one graph and no break is a whole-module program)
+    and ``compile_cache_hits`` (graphs inductor loaded from its on-disk cache instead of compiling)."""
     import torch._dynamo
 
     counters = torch._dynamo.utils.counters
@@ -219,7 +220,9 @@ def check_compiled() -> dict[str, int]:
     if not graphs:
         raise CompileFallback("torch.compile compiled no graph for this cell: it ran eagerly (see torch's "
                               "recompile limit and graph breaks); the cell is not a compiled measurement")
-    return {"compile_graphs": int(graphs), "compile_graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {"compile_graphs": int(graphs), "compile_graph_breaks": int(sum(counters["graph_break"].values())),
+            # inductor's on-disk FX graph cache: a hit makes compile_s a cache load, not a compilation
+            "compile_cache_hits": int(counters["inductor"].get("fxgraph_cache_hit", 0))}
 
 
 def prime_flex(module: torch.nn.Module, case: Case, seed: int) -> None:

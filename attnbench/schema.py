@@ -176,6 +176,8 @@ COLUMNS: tuple[Column, ...] = (
     _C("compile_graphs", LATENCY, "int", "torch.compile: graphs dynamo compiled in the cell (1 a shape: whole; "
        "each batch the largest-batch search tried is a shape)"),
     _C("compile_graph_breaks", LATENCY, "int", "torch.compile: graph breaks dynamo hit in the cell (0: whole)"),
+    _C("compile_cache_hits", LATENCY, "int", "torch.compile: graphs inductor loaded from its on-disk cache "
+       "(compile_s is then a cache load; TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for cold compiles)"),
     # memory
     _C("peak_mem_bytes", MEMORY, "float", "peak memory of one call above what was held before it", True, "memory",
        (2, "peak memory of one call, MiB", 2.0 ** 20, ".4g")),

@@ -287,3 +287,17 @@ def test_a_compiled_train_cell_compiles_one_program(tmp_path):
     for row in rows:
         assert row["status"] == "ok", row["message"]
         assert (row["compile_graphs"], row["compile_graph_breaks"]) == (1, 0), row["mode"]
+
+
+def test_a_compile_loaded_from_inductors_cache_is_said(tmp_path):
+    """compile_s of a graph inductor already compiled in another cell is a load from its on-disk cache:
+    the row counts the hits, so a fast compile_s is not read as a fast compiler."""
+    import torch._inductor.config as inductor_config
+
+    if not inductor_config.fx_graph_cache or inductor_config.force_disable_caches:
+        pytest.skip("inductor's FX graph cache is off here")
+    suite = make_suite(["swin.window"], resolution=(48,), dim=32, heads=2, compile=True)
+    first = runner.run_suite(suite, tmp_path / "a", progress=False).rows[0]
+    again = runner.run_suite(suite, tmp_path / "b", progress=False).rows[0]
+    assert first["status"] == again["status"] == "ok"
+    assert again["compile_cache_hits"] >= 1 and first["compile_cache_hits"] <= again["compile_cache_hits"]
