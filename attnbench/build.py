@@ -17,7 +17,7 @@ from .device import TORCH_DTYPES, empty_cache, is_oom
 from .job import CellSettings
 from .measure import flops as flops_mod
 from .measure import memory, timing
-from .impls._flex import FlexPlans, set_layout
+from .impls._flex import contains_flex, set_layout
 from .measure.call import make_call
 from .suite import Case
 
@@ -229,7 +229,7 @@ def prime_flex(module: torch.nn.Module, case: Case, seed: int) -> None:
     """Build the block masks of the FlexAttention forms in ``module`` with one eager call at batch 1 (no
     grad), before it is compiled: a mask built while dynamo traces breaks the compiled graph there, and
     the module then runs as several graphs for good (seen: 5 graphs, 3 breaks for ``local.flex``)."""
-    if not any(isinstance(sub, FlexPlans) for sub in module.modules()):
+    if not contains_flex(module):
         return
     was_training = module.training
     with torch.no_grad():

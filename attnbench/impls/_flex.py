@@ -16,8 +16,8 @@ harness for a CUDA cell) pads each window to a power-of-two slot (49 -> 64 token
 as keys) and each form uses 128-token blocks: two Swin windows, two 8 x 8 neighbourhood tiles, or
 128 / t^2 local tiles a block. It computes more pairs than it needs (Swin M = 7: 3.4x the unmasked
 pairs instead of 1x at 56 x 56; neighbourhood k = 7: 10.3x instead of 2.8x), and ``flops_analytic``
-counts them. Both layouts are proven equal to the naive
-forms on this CPU; only the ``cpu`` one has been timed (no GPU has run these forms yet).
+counts them. Both layouts are proven equal to the naive forms on this CPU; only the ``cpu`` one has
+been timed (no GPU has run these forms yet).
 
 Block mask (:class:`FlexPlan`, built once per module, token grid and device): the rule is evaluated
 over Q-block rows of ``block`` queries (``BLOCK`` = 128 when none is passed), so memory is one block
@@ -241,6 +241,11 @@ def layout_block(layout: str, group: int) -> tuple[int, int]:
     return group, group
 
 
+def contains_flex(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is or holds a FlexAttention form (which compiles its kernel on its first call)."""
+    return any(isinstance(sub, FlexPlans) for sub in module.modules())
+
+
 def set_layout(module: torch.nn.Module, device_type: str) -> None:
     """Give every flex form in ``module`` the token layout of ``device_type`` (``cuda``, else ``cpu``), so
     that counts made on the meta device (FLOPs, computed pairs) are those of the kernel that will run."""
@@ -251,7 +256,7 @@ def set_layout(module: torch.nn.Module, device_type: str) -> None:
 
 class FlexPlans:
     """Mixin: ``self._flex_plan(key, mask_fn, q_len, kv_len, device)`` cached per key and device, and
-    ``flex_compile_s``; ``flops_analytic`` of a flex form uses ``_flex_plan(..., 'cpu')`` counts.
+    ``flex_compile_s``; ``flops_analytic`` of a flex form counts the plan of its ``flex_layout``.
 
     ``flex_layout``: ``cpu`` (one window or tile per sparse block, no padding) or ``cuda`` (groups padded to
     powers of two in blocks of :data:`CUDA_BLOCK`, what the CUDA kernels accept). A call on a CUDA tensor

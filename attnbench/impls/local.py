@@ -33,7 +33,7 @@ from torch import nn
 
 from ..registry import register
 from ._common import attention_flops, check_heads, linear_flops
-from ._flex import CUDA_BLOCK, FlexPlans, run_flex
+from ._flex import FlexPlans, layout_block, run_flex
 
 
 def one_hot_shift_kernels(dim: int, kernel: int) -> torch.Tensor:
@@ -328,11 +328,10 @@ class LocalFlex(FlexPlans, _LocalAttention):
     def _plan(self, height: int, width: int, device="cpu"):
         t, k = self._tile(device), self.kernel
         hq, wq, hk, wk = self._grids(height, width, device)
-        block = t * t
-        if self._layout(device) == "cuda":  # tiles back to back in 128-token blocks (a tile: a power of two)
-            if reason := self._tile_problem():
-                raise ValueError(reason)
-            block = max(CUDA_BLOCK, block)
+        layout = self._layout(device)
+        if layout == "cuda" and (reason := self._tile_problem()):  # tiles back to back in 128-token blocks
+            raise ValueError(reason)
+        block = layout_block(layout, t * t)[1]
         return self._flex_plan((height, width, k, t, block), local_mask_fn(wq // t, wk // t, t, k), hq * wq,
                                hk * wk, device, block=block)
 

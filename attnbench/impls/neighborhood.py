@@ -51,7 +51,7 @@ from torch import nn
 
 from ..registry import register
 from ._common import attention_flops, check_heads, linear_flops
-from ._flex import CUDA_BLOCK, FlexPlans, run_flex
+from ._flex import FlexPlans, layout_block, run_flex
 
 
 def window_starts(length: int, kernel: int, dilation: int) -> list[tuple[int, int, int]]:
@@ -375,13 +375,14 @@ class NeighborhoodFlex(FlexPlans, _NeighborhoodAttention):
     def _tiles(self, height: int, width: int, device="cpu"):
         """:func:`nat_flex_rule` for this grid in the layout of a call on ``device`` (cpu: ``tile``, one tile
         a block; cuda: ``cuda_tile``, 128-token blocks), its index tensors on ``device`` (cached per device)."""
-        cuda = self._layout(device) == "cuda"
+        layout = self._layout(device)
+        cuda = layout == "cuda"
         tile = self.cuda_tile if cuda else self.tile
         key = (height, width, "flex", tile, cuda, str(device))
         if key not in self._tables:
             *fns, q_len, kv_len, tokens, q_src, kv_src, q_inv = nat_flex_rule(
                 height, width, self.kernel, self.dilation, tile, pow2=cuda)
-            block = max(CUDA_BLOCK, tokens) if cuda else tokens
+            block = layout_block(layout, tokens)[1]
             self._tables[key] = (*fns, q_len, kv_len, block, q_src.to(device), kv_src.to(device), q_inv.to(device))
         return self._tables[key]
 
